@@ -1,0 +1,98 @@
+"""Named backbones: build one from a preset (random weights or a diffusers checkpoint), load one back.
+
+A preset fixes the diffusers config, the wrapper class and the text encoder it is paired with
+(``text_encoder``, a :func:`~apex_ray.backbones.build_text_encoder` preset). Building without
+``pretrained`` gives random weights of the real size, which is what a GPU smoke test or a
+from-scratch run needs; ``pretrained`` (local folder or hub id) loads a released checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from apex_ray.backbones.base import VelocityModel, read_backbone_file
+from apex_ray.backbones.qwen_image import QWEN_IMAGE_CONFIGS, QwenImageVelocityModel
+from apex_ray.backbones.sana import SANA_CONFIGS, SanaVelocityModel
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    """A diffusers config, its wrapper, the paired text encoder and where released weights live."""
+
+    model_class: type[VelocityModel]
+    config: dict
+    text_encoder: str
+    text_embed_key: str
+    """Config key holding the text embedding width; set it to the encoder's ``embed_dim``."""
+    checkpoint: str | None = None
+    """Hub id of released diffusers weights (a ``transformer/`` subfolder), for reference."""
+
+
+BACKBONE_PRESETS: dict[str, BackbonePreset] = {
+    "sana-tiny": BackbonePreset(SanaVelocityModel, SANA_CONFIGS["sana-tiny"], "minilm", "caption_channels"),
+    "sana-600m": BackbonePreset(
+        SanaVelocityModel, SANA_CONFIGS["sana-600m"], "gemma", "caption_channels",
+        "Efficient-Large-Model/Sana_600M_512px_diffusers",
+    ),
+    "sana-1600m": BackbonePreset(
+        SanaVelocityModel, SANA_CONFIGS["sana-1600m"], "gemma", "caption_channels",
+        "Efficient-Large-Model/Sana_1600M_512px_diffusers",
+    ),
+    "qwen-image-tiny": BackbonePreset(
+        QwenImageVelocityModel, QWEN_IMAGE_CONFIGS["qwen-image-tiny"], "minilm", "joint_attention_dim"
+    ),
+    "qwen-image": BackbonePreset(
+        QwenImageVelocityModel, QWEN_IMAGE_CONFIGS["qwen-image"], "qwen2.5-vl", "joint_attention_dim",
+        "Qwen/Qwen-Image",
+    ),
+}
+
+_FAMILIES: dict[str, type[VelocityModel]] = {
+    cls.family: cls for cls in (SanaVelocityModel, QwenImageVelocityModel)
+}
+
+
+def get_backbone_preset(name: str) -> BackbonePreset:
+    """The preset called ``name``; a ValueError lists the valid names otherwise."""
+    if name not in BACKBONE_PRESETS:
+        raise ValueError(f"unknown backbone preset {name!r}; valid presets: {sorted(BACKBONE_PRESETS)}")
+    return BACKBONE_PRESETS[name]
+
+
+def build_backbone(preset: str, pretrained: str | os.PathLike | None = None, **config_overrides) -> VelocityModel:
+    """A :class:`VelocityModel` for ``preset``.
+
+    Without ``pretrained`` the diffusers model is built from the preset config updated by
+    ``config_overrides`` (random weights; build under ``with torch.device("meta")`` to size a
+    model without allocating it). With ``pretrained`` (a diffusers pipeline folder or hub id,
+    whose ``transformer/`` subfolder is used, or a folder holding the transformer itself) the
+    released weights are loaded and ``config_overrides`` are passed to diffusers'
+    ``from_pretrained`` (use it for non-shape keys only). ``sample_size`` is the latent side the
+    model is meant for (a diffusers config key for SANA, a wrapper setting for Qwen-Image).
+    """
+    spec = get_backbone_preset(preset)
+    model_class = spec.model_class
+    config = {**spec.config, **config_overrides}
+    wrapper_kwargs = {key: config.pop(key) for key in model_class.wrapper_keys}
+    if pretrained is None:
+        transformer = model_class.transformer_class(**config)
+    else:
+        transformer = model_class.transformer_class.from_pretrained(
+            pretrained,
+            subfolder=_transformer_subfolder(pretrained),
+            **{k: v for k, v in config_overrides.items() if k not in model_class.wrapper_keys},
+        )
+    return model_class(transformer, **wrapper_kwargs)
+
+
+def load_backbone(path: str | os.PathLike) -> VelocityModel:
+    """Load a folder written by :meth:`VelocityModel.save_pretrained`, whichever the family."""
+    family = read_backbone_file(path)["family"]
+    if family not in _FAMILIES:
+        raise ValueError(f"{path}: unknown backbone family {family!r}; known: {sorted(_FAMILIES)}")
+    return _FAMILIES[family].from_pretrained(path)
+
+
+def _transformer_subfolder(pretrained: str | os.PathLike) -> str | None:
+    """``None`` when ``pretrained`` is itself a transformer folder, else diffusers' ``transformer``."""
+    return None if os.path.isfile(os.path.join(pretrained, "config.json")) else "transformer"

@@ -1,0 +1,87 @@
+"""Training checkpoints with torch.distributed.checkpoint (DCP), and weight export.
+
+A checkpoint folder holds the DCP shards of model, EMA and optimiser (every rank writes its
+own shard; loading reshards to any worker count) plus one small ``extra_rank{r}.pt`` per rank:
+step, RNG states, data position, LR scheduler and the rank's fake-sample buffer. Works the
+same in one process (no process group) and under torch.distributed.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+EXTRA_FILE = "extra_rank{rank}.pt"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+class TrainingState(Stateful):
+    """Model + optimiser + EMA as one DCP ``Stateful`` (FQN mapping and sharding handled by DCP)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: torch.nn.Module | None) -> None:
+        self.model, self.optimizer, self.ema = model, optimizer, ema
+
+    def state_dict(self) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        if self.ema is not None:
+            state["ema"] = get_model_state_dict(self.ema)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        if self.ema is not None:
+            set_model_state_dict(self.ema, state["ema"])
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: str | os.PathLike, state: TrainingState, extra: dict[str, Any]) -> None:
+    """Write this rank's part of a checkpoint into ``directory`` (call on every rank)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dcp.save({"train": state}, checkpoint_id=directory)
+    _atomic_torch_save(extra, directory / EXTRA_FILE.format(rank=_rank()))
+
+
+def load_checkpoint(directory: str | os.PathLike, state: TrainingState) -> dict[str, Any]:
+    """Load model/EMA/optimiser in place (resharding as needed) and return this rank's extra state.
+
+    A rank that did not exist when the checkpoint was written (more workers now) gets rank 0's
+    extra state with ``"from_rank": 0`` so the caller can re-seed what must differ per rank.
+    """
+    directory = Path(directory)
+    if not (directory / ".metadata").exists():
+        raise FileNotFoundError(f"{directory} is not a complete checkpoint (no DCP .metadata)")
+    dcp.load({"train": state}, checkpoint_id=directory)
+    own = directory / EXTRA_FILE.format(rank=_rank())
+    source = own if own.exists() else directory / EXTRA_FILE.format(rank=0)
+    extra = torch.load(source, weights_only=False)
+    extra["from_rank"] = _rank() if own.exists() else 0
+    return extra
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded weights on CPU, on rank 0 (other ranks get ``{}``); a collective under FSDP."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=options)

@@ -1,0 +1,196 @@
+"""Typed, validated training configuration: one YAML file plus ``key.sub=value`` overrides.
+
+Everything is checked here, before Ray or any model starts, so that a bad value fails at once
+with a message naming the field.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from apex_ray.objective import APEXConfig, FlowMatchingConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the field and says what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    backbone: str = "sana-tiny"  # see apex_ray.backbones.BACKBONE_PRESETS
+    pretrained: str | None = None  # local path or hub id of the starting (teacher) weights
+    text_encoder: str = "minilm"  # see apex_ray.backbones.TEXT_ENCODER_PRESETS
+    text_encoder_path: str | None = None
+    max_text_length: int = Field(32, gt=0)
+    backbone_overrides: dict[str, Any] = Field(default_factory=dict)  # extra diffusers config keys
+
+
+class DataConfig(_Section):
+    source: Literal["shapeeval", "prepared"] = "shapeeval"
+    path: str | None = None  # prepared dataset folder (required for source=prepared)
+    num_samples: int = Field(2048, gt=0)  # ShapeEval pairs generated for the embedded default
+    image_size: Literal[32, 64] = 32
+    seed: int = 0
+
+
+class ObjectiveConfig(_Section):
+    kind: Literal["apex", "flow_matching"] = "apex"
+    apex: APEXConfig = Field(default_factory=APEXConfig)
+    flow_matching: FlowMatchingConfig = Field(default_factory=FlowMatchingConfig)
+    buffer_size: int = Field(1024, gt=0)  # per-worker FIFO of one-step generations
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)  # linear learning-rate warm-up
+    grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None disables
+
+
+class EMAConfig(_Section):
+    decay: float = Field(0.99, ge=0, lt=1)
+    warmup: float = Field(10.0, ge=0)  # decay = min(decay, (1 + n) / (warmup + n)); 0 disables
+
+
+class ScheduleConfig(_Section):
+    steps: int = Field(200, gt=0)  # optimiser steps
+    global_batch: int = Field(32, gt=0)  # samples per optimiser step over all workers
+    micro_batch: int | None = Field(None, gt=0)  # per worker per forward; default global / workers
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(100, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    max_nonfinite_steps: int = Field(5, gt=0)  # abort (with a checkpoint) after this many in a row
+
+
+class DistributedConfig(_Section):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    strategy: Literal["fsdp", "ddp", "single"] = "fsdp"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    max_failures: int = Field(2, ge=-1)  # worker failures to recover from; -1 = unlimited
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite in output_dir
+    experiment: str = "apex-ray"
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class EvalConfig(_Section):
+    grid_nfe: list[int] = Field(default_factory=lambda: [1, 2, 4])
+    score_nfe: list[int] = Field(default_factory=lambda: [1, 2])
+    images_per_prompt: int = Field(1, gt=0)
+    grid_size: int = Field(16, gt=0)  # images in each logged sample grid
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    train: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str = "runs/apex"
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "Config":
+        workers = 1 if self.distributed.strategy == "single" else self.distributed.num_workers
+        if self.distributed.strategy == "single" and self.distributed.num_workers != 1:
+            raise ValueError("distributed.strategy=single needs distributed.num_workers=1")
+        micro = self.train.micro_batch or max(1, self.train.global_batch // workers)
+        if self.train.global_batch % (micro * workers):
+            raise ValueError(
+                f"train.global_batch={self.train.global_batch} is not divisible by "
+                f"train.micro_batch={micro} x distributed.num_workers={workers}"
+            )
+        if self.data.source == "prepared" and not self.data.path:
+            raise ValueError("data.path is required when data.source=prepared")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.distributed.strategy == "single" else self.distributed.num_workers
+
+    @property
+    def micro_batch(self) -> int:
+        return self.train.micro_batch or max(1, self.train.global_batch // self.world_size)
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.global_batch // (self.micro_batch * self.world_size)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """``{"optim.lr": 1e-4, ...}``: the whole resolved config, for MLflow params."""
+        return dict(_flatten(self.model_dump(mode="json")))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r} has an empty key part")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (optional), apply overrides, validate. Raises :class:`ConfigError`."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {str(file)!r} does not exist")
+        loaded = yaml.safe_load(file.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(file)!r} must hold a mapping at the top level")
+        tree = loaded or {}
+    for override in overrides:
+        apply_override(tree, override)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see apex_ray/config.py for the fields)"
+        got = f" (got {item['input']!r})" if item["type"] != "extra_forbidden" and "input" in item and not isinstance(item["input"], dict) else ""
+        lines.append(f"  {where}: {message}{got}")
+    return "invalid config:\n" + "\n".join(lines)

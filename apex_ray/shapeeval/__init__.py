@@ -1,0 +1,34 @@
+"""ShapeEval: a GenEval stand-in on procedurally drawn scenes, scored without learned weights.
+
+See ``shared/design/shapes-benchmark.md``. ``scenes`` draws and renders scenes and captions,
+``prompts`` holds the fixed evaluation prompts, ``scorer`` detects objects and applies the
+six GenEval task rules, ``dataset`` writes and reads training pairs as parquet.
+"""
+from apex_ray.shapeeval.dataset import decode_images, load_pairs, write_pairs
+from apex_ray.shapeeval.prompts import EVAL_PROMPTS, EVAL_PROMPTS_VERSION, evaluation_set, render_ground_truth
+from apex_ray.shapeeval.scenes import (
+    COLORS,
+    DEFAULT_CANVAS,
+    RELATIONS,
+    SHAPES,
+    TASKS,
+    Prompt,
+    Scene,
+    SceneObject,
+    TrainingPair,
+    generate_pairs,
+    images_to_tensor,
+    render,
+    sample_prompt,
+    sample_scene,
+    tensor_to_images,
+)
+from apex_ray.shapeeval.scorer import Detection, detect, detect_batch, score_each, score_image, score_images
+
+__all__ = [
+    "COLORS", "DEFAULT_CANVAS", "EVAL_PROMPTS", "EVAL_PROMPTS_VERSION", "RELATIONS", "SHAPES", "TASKS",
+    "Detection", "Prompt", "Scene", "SceneObject", "TrainingPair",
+    "decode_images", "detect", "detect_batch", "evaluation_set", "generate_pairs", "images_to_tensor", "load_pairs",
+    "render", "render_ground_truth", "sample_prompt", "sample_scene", "score_each", "score_image", "score_images",
+    "tensor_to_images", "write_pairs",
+]
