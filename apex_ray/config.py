@@ -97,6 +97,11 @@ class EvalConfig(_Section):
     grid_size: int = Field(16, gt=0)  # images in each logged sample grid
 
 
+class DebugConfig(_Section):
+    crash_worker_at_step: int | None = Field(None, gt=0)  # fault drill: the last rank exits at this step
+                                                            # on the first attempt (tests FailureConfig)
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -107,6 +112,7 @@ class Config(_Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    debug: DebugConfig = Field(default_factory=DebugConfig)
     output_dir: str = "runs/apex"
 
     @model_validator(mode="after")

@@ -32,6 +32,15 @@ def apply_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], compute_dt
     for block in blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    model.register_forward_hook(_reshard_after_no_grad_forward)
+
+
+def _reshard_after_no_grad_forward(module: FSDPModule, args, output) -> None:
+    """FSDP2 keeps the root's parameters gathered after forward, expecting a backward to reshard
+    them; EMA and sampling forwards have none, so reshard here (the EMA update and checkpoints
+    need sharded DTensors, and the memory is freed)."""
+    if not torch.is_grad_enabled():
+        module.reshard()
 
 
 def parallelize(

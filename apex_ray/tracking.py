@@ -1,0 +1,112 @@
+"""MLflow tracking: the driver opens the run and logs the config; rank 0 logs metrics and images.
+
+The tracking URI comes from the config, else ``$MLFLOW_TRACKING_URI``, else a sqlite file in the
+output folder. A remote server that cannot be reached fails at start-up, before any Ray work.
+"""
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+MLFLOW_BATCH_LIMIT = 100  # params / metrics per log_batch call accepted by MLflow servers
+MLFLOW_PARAM_LENGTH = 6000
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message says which URI and what to do."""
+
+
+def resolve_tracking_uri(configured: str | None, output_dir: str | os.PathLike) -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast when an HTTP tracking server does not answer its health endpoint."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status != 200:
+                raise TrackingError(f"MLflow server {uri} answered /health with HTTP {response.status}")
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server at {uri} ({err}). Start it (e.g. `mlflow server "
+            f"--host 127.0.0.1 --port 5000`), fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or unset "
+            f"both to log to a local sqlite file."
+        ) from None
+
+
+def _chunks(items: list, size: int = MLFLOW_BATCH_LIMIT):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class RunLogger:
+    """Logs to one MLflow run through an explicit client (safe to use from any process)."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+
+    @classmethod
+    def create(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str],
+               params: dict[str, Any]) -> "RunLogger":
+        """Create the experiment if needed and a new run with ``params`` and ``tags``."""
+        client = MlflowClient(tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        logger = cls(tracking_uri, run.info.run_id)
+        logger.log_params(params)
+        return logger
+
+    @classmethod
+    def find(cls, tracking_uri: str, experiment: str, run_name: str) -> "RunLogger | None":
+        """The latest run called ``run_name`` (to keep logging into it when training resumes)."""
+        client = MlflowClient(tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        runs = client.search_runs([found.experiment_id], f"attributes.run_name = '{run_name}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            return None
+        client.update_run(runs[0].info.run_id, status="RUNNING")
+        return cls(tracking_uri, runs[0].info.run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        entries = [Param(key, str(value)[:MLFLOW_PARAM_LENGTH]) for key, value in params.items()]
+        for chunk in _chunks(entries):
+            self.client.log_batch(self.run_id, params=chunk)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        entries = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        for chunk in _chunks(entries):
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for chunk in _chunks([RunTag(k, str(v)) for k, v in tags.items()]):
+            self.client.log_batch(self.run_id, tags=chunk)
+
+    def log_image(self, image, artifact_file: str) -> None:
+        self.client.log_image(self.run_id, image, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)

@@ -1,0 +1,97 @@
+"""Raw rows -> fixed-size RGB pixels, or a reject with its reason.
+
+Each image is decoded, turned upright (EXIF orientation), converted to RGB (grayscale is
+expanded, transparency is composited on white), resized so that its shorter side equals
+``size`` and centre-cropped to ``size x size``. A row that cannot be used keeps its place with a
+reason code instead of pixels, so the sink counts and writes it as a reject: nothing is
+dropped silently.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+MISSING_IMAGE = "missing_image"
+UNDECODABLE_IMAGE = "undecodable_image"
+TOO_SMALL = "too_small"
+MISSING_CAPTION = "missing_caption"
+EMPTY_CAPTION = "empty_caption"
+IMAGE_ENCODING_FAILED = "image_encoding_failed"
+TEXT_ENCODING_FAILED = "text_encoding_failed"
+REJECT_REASONS = (
+    MISSING_IMAGE, UNDECODABLE_IMAGE, TOO_SMALL, MISSING_CAPTION, EMPTY_CAPTION,
+    IMAGE_ENCODING_FAILED, TEXT_ENCODING_FAILED,
+)
+"""Reason codes in ``rejects.parquet``; ``detail`` holds the specific message."""
+
+
+class Rejected(Exception):
+    """A row that cannot be prepared: ``reason`` is one of :data:`REJECT_REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def load_rgb(data: bytes | None, size: int, min_side: int) -> np.ndarray:
+    """uint8 ``[size, size, 3]`` from encoded image bytes; raises :class:`Rejected`."""
+    if not data:
+        raise Rejected(MISSING_IMAGE, "no image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = _to_rgb(image)
+    except Exception as error:  # PIL raises many types for corrupt or truncated files
+        raise Rejected(UNDECODABLE_IMAGE, f"{type(error).__name__}: {error}") from None
+    if min(rgb.size) < min_side:
+        raise Rejected(TOO_SMALL, f"{rgb.width}x{rgb.height}, shorter side below {min_side}")
+    return np.asarray(ImageOps.fit(rgb, (size, size), method=Image.Resampling.BICUBIC))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def check_caption(caption: str | None) -> str:
+    """The caption without surrounding whitespace; raises :class:`Rejected` if missing or empty."""
+    if caption is None:
+        raise Rejected(MISSING_CAPTION, "no caption")
+    caption = caption.strip()
+    if not caption:
+        raise Rejected(EMPTY_CAPTION, "caption is empty or whitespace")
+    return caption
+
+
+def decode_rows(batch: dict[str, np.ndarray], size: int, min_side: int) -> dict[str, np.ndarray]:
+    """Ray task: ``{id, source, image_bytes, caption}`` -> ``{id, source, caption, pixels, reason, detail}``.
+
+    ``pixels`` is uint8 ``[B, size, size, 3]`` (zeros for rejects); ``reason`` is ``""`` for a
+    usable row.
+    """
+    n = len(batch["id"])
+    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    captions, reasons, details = [], [], []
+    for i in range(n):
+        caption, reason, detail = batch["caption"][i], "", ""
+        try:
+            caption = check_caption(caption)
+            pixels[i] = load_rgb(batch["image_bytes"][i], size, min_side)
+        except Rejected as rejected:
+            reason, detail = rejected.reason, rejected.detail
+        captions.append(caption if isinstance(caption, str) else "")
+        reasons.append(reason)
+        details.append(detail)
+    return {
+        "id": batch["id"],
+        "source": batch["source"],
+        "caption": np.array(captions, dtype=object),
+        "pixels": pixels,
+        "reason": np.array(reasons, dtype=object),
+        "detail": np.array(details, dtype=object),
+    }

@@ -1,0 +1,180 @@
+"""Fake-sample buffer: a checkpoint's generations for the captions of a prepared set, written as
+parquet, so that the trainer's FIFO buffer (APEX's shifted branch) holds fake data from step 0.
+
+    python -m data_pipelines.fake_buffer --checkpoint CKPT --latents PREPARED --output FOLDER [--steps 1] [--limit N]
+
+Ray Data batch inference: the prepared shards' text embeddings (no text encoder is needed) ->
+an actor pool that loads the checkpoint once per actor and samples with
+``apex_ray.sampler.sample`` -> staged shards + ``manifest.json`` (same complete-or-nothing
+output folder as the prepared set). Shard columns: ``id``, ``caption``, ``sample`` [C, H, W]
+(latent space, float32), ``text_embeds``, ``text_mask`` and ``pooled`` where the set has it.
+The trainer pushes it into its buffer with :func:`load_fake_buffer`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import zlib
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+from pydantic import ValidationError
+
+from apex_ray.backbones import load_backbone
+from apex_ray.backbones.base import read_backbone_file
+from apex_ray.buffer import FakeSampleBuffer
+from apex_ray.config import format_validation_error
+from apex_ray.sampler import SamplerConfig, sample
+from data_pipelines.config import FakeBufferConfig
+from data_pipelines.output import OutputError, StagedOutput
+from data_pipelines.prepared import (
+    as_tensor, prepared_dataset, read_manifest, read_rows, shard_paths, tensor_columns, to_conditioning,
+)
+from data_pipelines.readers import InputError
+
+KIND = "fake_buffer"
+FORMAT_VERSION = 1
+
+
+class FakeSampler:
+    """Ray Data actor: prepared rows -> ``sample`` [B, C, H, W] from ``checkpoint`` with ``steps`` steps."""
+
+    def __init__(self, checkpoint: str, steps: int, seed: int, latent_shape: list[int], text_dim: int,
+                 num_gpus: float = 0.0) -> None:
+        self.device = torch.device("cuda" if num_gpus > 0 else "cpu")
+        self.model = load_backbone(checkpoint).to(self.device).eval().requires_grad_(False)
+        if self.model.latent_channels != latent_shape[0] or self.model.text_embed_dim != text_dim:
+            raise ValueError(
+                f"checkpoint {checkpoint} takes {self.model.latent_channels}-channel latents and {self.model.text_embed_dim}-d "
+                f"text embeddings, the prepared set has latents {latent_shape} and {text_dim}-d text: prepare the set "
+                "with the backbone's codec and text encoder"
+            )
+        self.config = SamplerConfig(steps=steps)
+        self.seed = seed
+        self.latent_shape = tuple(latent_shape)
+
+    def row_noise(self, row_id: str) -> torch.Tensor:
+        """The starting noise of row ``row_id``: depends on (seed, id) only, not on batching."""
+        generator = torch.Generator().manual_seed(self.seed * 2**32 + zlib.crc32(row_id.encode()))
+        return torch.randn(self.latent_shape, generator=generator)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cond = to_conditioning(batch).to(self.device)
+        noise = torch.stack([self.row_noise(str(i)) for i in batch["id"]]).to(self.device)
+        result = sample(self.model, cond, tuple(noise.shape), self.config, noise=noise, device=self.device)
+        return {**batch, "sample": result.images.float().cpu().numpy()}
+
+
+def make_fake_buffer(config: FakeBufferConfig) -> dict:
+    """Run the job (on the current Ray cluster, starting a local one if none); returns the manifest."""
+    read_backbone_file(config.checkpoint)  # fails now, with what to do, if not a saved backbone
+    source = read_manifest(config.latents)
+    if source.get("kind") != "prepared_set" or not source["rows_written"]:
+        raise InputError(f"{config.latents} is not a prepared set with rows; run data_pipelines.prepare_latents first")
+    pooled = source.get("pooled_shape") is not None
+    columns = ["id", "caption", "text_embeds", "text_mask"] + (["pooled"] if pooled else [])
+    with StagedOutput(config.output, config.overwrite, "fake-sample buffer") as out:
+        started = time.perf_counter()
+        if not ray.is_initialized():
+            ray.init()
+        rows = prepared_dataset(config.latents, columns=columns)
+        if config.limit is not None:
+            rows = rows.limit(config.limit)
+        pool = config.sampler
+        samples = rows.map_batches(
+            FakeSampler, batch_size=pool.batch_size, concurrency=pool.concurrency,
+            num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
+            fn_constructor_kwargs={
+                "checkpoint": os.path.abspath(config.checkpoint), "steps": config.steps, "seed": config.seed,
+                "latent_shape": source["latent_shape"], "text_dim": source["text_shape"][1], "num_gpus": pool.num_gpus,
+            },
+        )
+        sink = out.sink(config.rows_per_shard)
+        samples.write_datasink(sink)
+        shards, _ = out.commit_shards(sink.results)
+        tensors = tensor_columns(pq.read_schema(shard_paths(out.path, {"shards": shards})[0]))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": KIND,
+            "rows": sum(shard["rows"] for shard in shards),
+            "sample_shape": tensors["sample"]["shape"],
+            "sample_dtype": tensors["sample"]["dtype"],
+            "text_shape": tensors["text_embeds"]["shape"],
+            "text_dtype": tensors["text_embeds"]["dtype"],
+            "pooled_shape": tensors["pooled"]["shape"] if pooled else None,
+            "checkpoint": os.path.abspath(config.checkpoint),
+            "backbone_family": read_backbone_file(config.checkpoint)["family"],
+            "steps": config.steps,
+            "seed": config.seed,
+            "source": {"path": os.path.abspath(config.latents), "config_hash": source["config_hash"]},
+            "shards": shards,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        out.finish(manifest)
+    elapsed = time.perf_counter() - started
+    print(f"fake_buffer: {manifest['rows']} samples ({config.steps}-step) in {elapsed:.1f} s "
+          f"({manifest['rows'] / elapsed:.1f} samples/s) -> {out.path}")
+    return manifest
+
+
+def load_fake_buffer(path: str | os.PathLike, buffer: FakeSampleBuffer, limit: int | None = None,
+                     chunk: int = 1024) -> int:
+    """Push the first ``limit`` samples (all by default) of the buffer at ``path``, with their
+    conditioning, into ``buffer`` (oldest first, so a smaller FIFO keeps the last ones); returns
+    how many were pushed. Needs only pyarrow."""
+    manifest = read_manifest(path)
+    if manifest.get("kind") != KIND:
+        raise ValueError(f"{str(path)!r} is not a fake-sample buffer (kind {manifest.get('kind')!r}); "
+                         "make one with `python -m data_pipelines.fake_buffer`")
+    columns = ["sample", "text_embeds", "text_mask"] + (["pooled"] if manifest.get("pooled_shape") else [])
+    rows = read_rows(path, columns, limit)
+    count = len(rows["sample"])
+    for start in range(0, count, chunk):
+        part = {name: values[start:start + chunk] for name, values in rows.items()}
+        buffer.push(as_tensor(part["sample"]).float(), to_conditioning(part))
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipelines.fake_buffer", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, help="folder written by VelocityModel.save_pretrained")
+    parser.add_argument("--latents", required=True, help="prepared set (data_pipelines.prepare_latents output)")
+    parser.add_argument("--output", required=True, help="folder of the fake-sample buffer")
+    parser.add_argument("--steps", type=int, default=1, help="sampler steps (default 1: one-step samples)")
+    parser.add_argument("--limit", type=int, help="sample only the first N rows of the prepared set")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=1, help="sampler actors")
+    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor")
+    parser.add_argument("--overwrite", action="store_true", help="replace a complete buffer at --output")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        config = FakeBufferConfig.model_validate(dict(
+            checkpoint=args.checkpoint, latents=args.latents, output=args.output, steps=args.steps,
+            limit=args.limit, seed=args.seed, overwrite=args.overwrite,
+            sampler={"batch_size": args.batch_size, "concurrency": args.concurrency,
+                     "num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        ))
+        make_fake_buffer(config)
+    except ValidationError as error:
+        print(f"fake_buffer: {format_validation_error(error)}", file=sys.stderr)
+        return 2
+    except (InputError, OutputError, FileNotFoundError) as error:
+        print(f"fake_buffer: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

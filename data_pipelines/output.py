@@ -1,0 +1,195 @@
+"""Complete-or-nothing output folders of parquet shards written by Ray Data.
+
+A job writes into ``<output>/.staging-<uuid>/`` through :class:`StagedShardSink`. Only when every
+row is written does :meth:`StagedOutput.commit_shards` move the shards named in the write
+results into ``<output>/shards/``; :meth:`StagedOutput.finish` writes ``manifest.json`` last
+(tmp file + ``os.replace``). The manifest's presence marks a complete output. A file left by a
+write task that Ray retried is named in no result and goes with the staging folder, so no row is
+committed twice.
+
+Rerunning on an output folder: a complete one (manifest present) is refused unless
+``overwrite``; an incomplete one (an interrupted run's leftovers, no manifest) is removed with a
+warning and the job starts again; a folder holding files the job did not write is refused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+STAGING_PREFIX = ".staging-"
+TMP_PREFIX = ".tmp-"
+REJECT_COLUMNS = ("id", "source", "reason", "detail")
+"""Columns of a reject row; a block with a ``reason`` column is split into shard and reject rows."""
+
+log = logging.getLogger(__name__)
+
+
+class OutputError(RuntimeError):
+    """The output folder cannot be used; the message says what to do."""
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path next to ``target`` that replaces it on success and is removed on failure."""
+    target = Path(target)
+    tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{target.name}"
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(target: str | os.PathLike, payload: dict[str, Any]) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+class StagedOutput:
+    """An output folder being written by one job run; use as a context manager.
+
+    On an exception everything the job owns in the folder is removed, so the folder never looks
+    complete when it is not. ``owned`` names the files the job writes beside the manifest and
+    the shards.
+    """
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool, job: str, owned: Iterable[str] = ()) -> None:
+        self.path = Path(path)
+        self.job = job
+        self.owned = {MANIFEST, SHARDS, *owned}
+        self._prepare_folder(overwrite)
+        self.staging = self.path / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+        self.staging.mkdir()
+
+    def __enter__(self) -> "StagedOutput":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is not None:
+            self._remove_owned()
+
+    def sink(self, rows_per_shard: int) -> "StagedShardSink":
+        return StagedShardSink(str(self.staging), rows_per_shard)
+
+    def commit_shards(self, results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Path]]:
+        """Move the written shards into ``shards/`` as ``shard-00000.parquet``...; returns the
+        manifest's shard list and the staged reject files."""
+        shard_dir = self.path / SHARDS
+        shard_dir.mkdir()
+        shards, rejects = [], []
+        ordered = sorted(results, key=lambda r: (r["task"], r["name"]))
+        for result in ordered:
+            if result["rows"]:
+                name = f"shard-{len(shards):05d}.parquet"
+                os.replace(self.staging / SHARDS / result["name"], shard_dir / name)
+                shards.append({"file": f"{SHARDS}/{name}", "rows": result["rows"]})
+            if result["rejected"]:
+                rejects.append(self.staging / "rejects" / result["name"])
+        return shards, rejects
+
+    def finish(self, manifest: dict[str, Any]) -> None:
+        """Write the manifest (marking the output complete) and drop the staging folder."""
+        write_json_atomic(self.path / MANIFEST, manifest)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _is_owned(self, name: str) -> bool:
+        return name in self.owned or name.startswith((STAGING_PREFIX, TMP_PREFIX))
+
+    def _prepare_folder(self, overwrite: bool) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputError(f"output {str(self.path)!r} is a file; pass a folder path")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"cannot create output folder {str(self.path)!r}: {error}") from None
+        entries = sorted(os.listdir(self.path))
+        foreign = [name for name in entries if not self._is_owned(name)]
+        if foreign:
+            raise OutputError(
+                f"output folder {str(self.path)!r} holds files {self.job} did not write ({', '.join(foreign[:5])}); "
+                "choose an empty or new folder"
+            )
+        if MANIFEST in entries:
+            if not overwrite:
+                raise OutputError(
+                    f"{str(self.path)!r} already holds a complete {self.job} (manifest.json); pass --overwrite "
+                    "(overwrite=True) to replace it, or choose another output folder"
+                )
+            log.warning("%s: replacing the complete %s in %s (overwrite)", self.job, self.job, self.path)
+        elif entries:
+            log.warning("%s: %s holds an incomplete %s left by an interrupted run (no manifest.json); "
+                        "removing %s and starting again", self.job, self.path, self.job, ", ".join(entries))
+        self._remove_owned()
+        probe = self.path / f"{TMP_PREFIX}write-test"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise OutputError(f"cannot write to output folder {str(self.path)!r}: {error}") from None
+
+    def _remove_owned(self) -> None:
+        """Remove the job's files, the manifest first so that a half-removed output is never complete."""
+        (self.path / MANIFEST).unlink(missing_ok=True)
+        for name in os.listdir(self.path):
+            if self._is_owned(name):
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+class StagedShardSink(Datasink):
+    """Ray Data sink: each write task streams its blocks into one staged shard (and one staged
+    rejects file for rows with a non-empty ``reason``) and returns the row counts."""
+
+    def __init__(self, staging: str, rows_per_shard: int) -> None:
+        self.staging = staging
+        self.rows_per_shard = rows_per_shard
+        self.results: list[dict[str, Any]] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_shard
+
+    def write(self, blocks, ctx) -> dict[str, Any]:
+        name = f"{ctx.task_idx:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        writers: dict[str, pq.ParquetWriter] = {}
+        counts = {SHARDS: 0, "rejects": 0}
+        try:
+            for block in blocks:
+                table = BlockAccessor.for_block(block).to_arrow()
+                for kind, part in split_rejects(table).items():
+                    if part.num_rows:
+                        if kind not in writers:
+                            os.makedirs(os.path.join(self.staging, kind), exist_ok=True)
+                            writers[kind] = pq.ParquetWriter(os.path.join(self.staging, kind, name), part.schema)
+                        writers[kind].write_table(part)
+                        counts[kind] += part.num_rows
+        finally:
+            for writer in writers.values():
+                writer.close()
+        return {"task": ctx.task_idx, "name": name, "rows": counts[SHARDS], "rejected": counts["rejects"]}
+
+    def on_write_complete(self, write_result) -> None:
+        self.results = list(write_result.write_returns)
+
+
+def split_rejects(table: pa.Table) -> dict[str, pa.Table]:
+    """``{"shards": accepted rows without the bookkeeping columns, "rejects": reject rows}``."""
+    if "reason" not in table.column_names:
+        return {SHARDS: table}
+    usable = pc.equal(table["reason"], "")
+    accepted = table.filter(usable).drop_columns([c for c in REJECT_COLUMNS[1:] if c in table.column_names])
+    return {SHARDS: accepted, "rejects": table.filter(pc.invert(usable)).select(list(REJECT_COLUMNS))}

@@ -1,0 +1,172 @@
+"""Raw image-caption pairs -> a prepared set of latents and text embeddings, made once at cluster
+scale so that training never runs a VAE or a text encoder per step.
+
+    python -m data_pipelines.prepare_latents --input RAW --output FOLDER [--config job.yaml] [key.sub=value ...]
+
+Ray Data streams: read (tasks) -> decode, validate, resize + centre-crop (tasks) -> image codec
+(actor pool) -> text encoder (actor pool) -> staged shards and rejects (sink). Nothing is lost:
+each input row is either written or rejected with its reason, and the manifest records
+``rows_in = rows_written + rows_rejected`` (checked before it is written). Configuration and
+input are validated before Ray starts; see ``data_pipelines/config.py`` for every field.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import torch
+from safetensors.torch import save_file
+
+from apex_ray.config import ConfigError
+from data_pipelines.config import PrepareConfig, load_prepare_config
+from data_pipelines.decode import decode_rows
+from data_pipelines.encoders import CaptionEncoder, ImageEncoder, encode_empty_prompt
+from data_pipelines.output import REJECT_COLUMNS, OutputError, StagedOutput, atomic_path
+from data_pipelines.prepared import EMPTY_PROMPT, REJECTS, shard_paths, tensor_columns
+from data_pipelines.readers import InputError, plan_input, read_input
+
+FORMAT_VERSION = 1
+EMPTY_PROMPT_TENSORS = {"embeds": "text_embeds", "mask": "text_mask", "pooled": "pooled"}
+"""Tensor names in ``empty_prompt.safetensors`` -> the shard columns they correspond to."""
+REJECTS_SCHEMA = pa.schema([(name, pa.string()) for name in REJECT_COLUMNS])
+
+
+def prepare(config: PrepareConfig) -> dict:
+    """Run the job (on the current Ray cluster, starting a local one if none) and return the manifest.
+
+    Raises :class:`~data_pipelines.readers.InputError` (missing or empty input, wrong columns)
+    and :class:`~data_pipelines.output.OutputError` (output not writable, or already complete
+    without ``overwrite``) before any work starts.
+    """
+    plan = plan_input(config.input)
+    with StagedOutput(config.output, config.overwrite, "prepared set", owned=(REJECTS, EMPTY_PROMPT)) as out:
+        started = time.perf_counter()
+        if not ray.is_initialized():
+            ray.init()
+        text = config.text
+        empty_prompt_task = (  # runs beside the pipeline; one more load of the text encoder
+            ray.remote(encode_empty_prompt)
+            .options(num_cpus=text.num_cpus, num_gpus=text.num_gpus)
+            .remote(text.encoder, text.path, text.max_length, text.num_gpus)
+        )
+        sink = out.sink(config.storage.rows_per_shard)
+        build_pipeline(config, read_input(plan)).write_datasink(sink)
+        empty_prompt = ray.get(empty_prompt_task)
+        save_file({name: torch.from_numpy(empty_prompt[column]) for name, column in EMPTY_PROMPT_TENSORS.items()
+                   if column in empty_prompt}, str(out.staging / EMPTY_PROMPT))
+        shards, reject_files = out.commit_shards(sink.results)
+        rejects = pa.concat_tables([pq.read_table(f) for f in reject_files]) if reject_files else REJECTS_SCHEMA.empty_table()
+        with atomic_path(out.path / REJECTS) as tmp:
+            pq.write_table(rejects, tmp)
+        (out.staging / EMPTY_PROMPT).replace(out.path / EMPTY_PROMPT)
+
+        rows_written = sum(shard["rows"] for shard in shards)
+        if plan.rows != rows_written + rejects.num_rows:
+            raise RuntimeError(f"row count mismatch: {plan.rows} rows in, {rows_written} written, "
+                               f"{rejects.num_rows} rejected; the output was removed (please report this bug)")
+        manifest = build_manifest(config, plan.rows, shards, rejects, empty_prompt, out)
+        out.finish(manifest)
+    elapsed = time.perf_counter() - started
+    reasons = ", ".join(f"{k} {v}" for k, v in manifest["rejects_by_reason"].items())
+    print(f"prepare_latents: {plan.rows} rows in -> {rows_written} written, {rejects.num_rows} rejected"
+          f"{f' ({reasons})' if reasons else ''} in {elapsed:.1f} s ({plan.rows / elapsed:.1f} rows/s) -> {out.path}")
+    return manifest
+
+
+def build_pipeline(config: PrepareConfig, rows: ray.data.Dataset) -> ray.data.Dataset:
+    """raw rows -> decoded pixels (tasks) -> latents (codec actors) -> text embeddings (text actors)."""
+    codec, text = config.codec, config.text
+    decoded = rows.map_batches(
+        decode_rows, batch_size=codec.batch_size,
+        fn_kwargs={"size": config.image.size, "min_side": config.image.resolved_min_side},
+    )
+    encoded = decoded.map_batches(
+        ImageEncoder, batch_size=codec.batch_size, concurrency=codec.concurrency,
+        num_cpus=codec.num_cpus, num_gpus=codec.num_gpus,
+        fn_constructor_kwargs={
+            "codec": codec.model_dump(include={"name", "path", "subfolder", "dtype"}),
+            "image_size": config.image.size, "latent_dtype": config.storage.latent_dtype, "num_gpus": codec.num_gpus,
+        },
+    )
+    return encoded.map_batches(
+        CaptionEncoder, batch_size=text.batch_size, concurrency=text.concurrency,
+        num_cpus=text.num_cpus, num_gpus=text.num_gpus,
+        fn_constructor_kwargs={
+            "preset": text.encoder, "path": text.path, "max_length": text.max_length,
+            "text_dtype": config.storage.text_dtype, "num_gpus": text.num_gpus,
+        },
+    )
+
+
+def build_manifest(config: PrepareConfig, rows_in: int, shards: list[dict], rejects: pa.Table,
+                   empty_prompt: dict, out: StagedOutput) -> dict:
+    columns = tensor_columns(pq.read_schema(shard_paths(out.path, {"shards": shards})[0])) if shards else {}
+    by_reason = pc.value_counts(rejects["reason"]).to_pylist() if rejects.num_rows else []
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "prepared_set",
+        "rows_in": rows_in,
+        "rows_written": sum(shard["rows"] for shard in shards),
+        "rows_rejected": rejects.num_rows,
+        "rejects_by_reason": {item["values"]: item["counts"] for item in sorted(by_reason, key=lambda i: i["values"])},
+        "latent_shape": columns.get("latent", {}).get("shape"),
+        "latent_dtype": config.storage.latent_dtype,
+        "text_shape": list(empty_prompt["text_embeds"].shape),
+        "text_dtype": config.storage.text_dtype,
+        "pooled_shape": list(empty_prompt["pooled"].shape) if "pooled" in empty_prompt else None,
+        "image_size": config.image.size,
+        "codec": {k: v for k, v in config.codec.model_dump().items() if k in ("name", "path", "subfolder", "dtype")},
+        "text_encoder": {"preset": config.text.encoder, "path": config.text.path, "max_length": config.text.max_length},
+        "backbone": config.backbone,
+        "input": {"path": config.input.path, "format": config.input.format},
+        "config_hash": config.content_hash(),
+        "config": config.model_dump(mode="json"),
+        "shards": shards,
+        "rejects": REJECTS,
+        "empty_prompt": EMPTY_PROMPT,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipelines.prepare_latents", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--input", help="parquet file or folder, or a folder of images with .txt captions")
+    parser.add_argument("--output", help="folder of the prepared set")
+    parser.add_argument("--config", help="YAML job config (fields: data_pipelines/config.py)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a complete prepared set at --output")
+    parser.add_argument("--format", choices=["auto", "parquet", "image_folder", "shapeeval"])
+    parser.add_argument("--image-column", help="parquet column of encoded image bytes (default image_bytes)")
+    parser.add_argument("--caption-column", help="parquet column of captions (default text)")
+    parser.add_argument("--id-column", help="parquet column of stable row ids (default: <file>:<row>)")
+    parser.add_argument("--backbone", help="backbone preset; picks the codec and text encoder (default sana-tiny)")
+    parser.add_argument("--image-size", type=int, help="side of the square crop (default 32)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="any config field, e.g. codec.concurrency=4")
+    args = parser.parse_args(argv)
+    flags = {
+        "input.path": args.input, "output": args.output, "input.format": args.format,
+        "input.image_column": args.image_column, "input.caption_column": args.caption_column,
+        "input.id_column": args.id_column, "backbone": args.backbone, "image.size": args.image_size,
+        "overwrite": True if args.overwrite else None,
+    }
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        config = load_prepare_config(args.config, args.overrides, {k: v for k, v in flags.items() if v is not None})
+        prepare(config)
+    except (ConfigError, InputError, OutputError) as error:
+        print(f"prepare_latents: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
