@@ -23,6 +23,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoRAConfig(_Section):
+    """LoRA adapters (peft) on a frozen base; the EMA is a second adapter on the same base."""
+
+    enabled: bool = False
+    rank: int = Field(32, gt=0)
+    alpha: float | None = Field(None, gt=0)  # None = rank (scale 1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Module-name patterns (peft target_modules) for attention, MLP and timestep-embedding projections.
+    target_modules: list[str] = Field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+        "timestep_embedder.linear_1", "timestep_embedder.linear_2",
+    ])
+
+
 class ModelConfig(_Section):
     backbone: str = "sana-tiny"  # see apex_ray.backbones.BACKBONE_PRESETS
     pretrained: str | None = None  # local path or hub id of the starting (teacher) weights
@@ -30,10 +45,15 @@ class ModelConfig(_Section):
     text_encoder_path: str | None = None
     max_text_length: int = Field(32, gt=0)
     backbone_overrides: dict[str, Any] = Field(default_factory=dict)  # extra diffusers config keys
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
 
 
 class DataConfig(_Section):
-    source: Literal["shapeeval", "prepared"] = "shapeeval"
+    # shapeeval: ShapeEval raw parquet generated on first use, prepared by Ray Data, streamed;
+    # prepared: a folder made by `python -m data_pipelines.prepare_latents` (data.path);
+    # inline-shapeeval: each worker generates and encodes ShapeEval in memory (no Ray Data; the
+    # data order is exactly reproducible, so resumes are bit-exact).
+    source: Literal["shapeeval", "prepared", "inline-shapeeval"] = "shapeeval"
     path: str | None = None  # prepared dataset folder (required for source=prepared)
     num_samples: int = Field(2048, gt=0)  # ShapeEval pairs generated for the embedded default
     image_size: Literal[32, 64] = 32

@@ -58,7 +58,7 @@ def test_two_worker_fsdp_run_tracks_everything_in_mlflow(ray_cluster, tmp_path):
 @pytest.mark.slow
 def test_worker_crash_resumes_from_checkpoint_and_matches_uninterrupted_run(ray_cluster, tmp_path):
     common = ["train.steps=5", "train.checkpoint_every=2", "eval.grid_nfe=[]", "eval.score_nfe=[]",
-              "distributed.max_failures=1"]
+              "distributed.max_failures=1", "data.source=inline-shapeeval"]
     straight = run(tiny_config(tmp_path / "a", *common, "tracking.run_name=straight"))
     crashed = run(tiny_config(tmp_path / "b", *common, "tracking.run_name=crashed", "debug.crash_worker_at_step=4"))
     assert crashed.metrics["step"] == 5
