@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 EXTRA_FILE = "extra_rank{rank}.pt"
+RUN_FILE = "apex_run.json"  # the resolved training config and the backbone's exact diffusers config
 
 
 def _rank() -> int:
@@ -85,3 +86,14 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded weights on CPU, on rank 0 (other ranks get ``{}``); a collective under FSDP."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(module, options=options)
+
+
+def write_run_description(directory: str | os.PathLike, config, backbone_config: dict[str, Any]) -> None:
+    """Record the training config and backbone config beside the shards (rank 0)."""
+    import json
+
+    payload = {"config": config.model_dump(mode="json"), "backbone_config": backbone_config}
+    path = Path(directory) / RUN_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)

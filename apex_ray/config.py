@@ -55,6 +55,7 @@ class DataConfig(_Section):
     # data order is exactly reproducible, so resumes are bit-exact).
     source: Literal["shapeeval", "prepared", "inline-shapeeval"] = "shapeeval"
     path: str | None = None  # prepared dataset folder (required for source=prepared)
+    cache_dir: str = "~/.cache/apex-ray/data"  # where source=shapeeval keeps its prepared set
     num_samples: int = Field(2048, gt=0)  # ShapeEval pairs generated for the embedded default
     image_size: Literal[32, 64] = 32
     seed: int = 0

@@ -81,3 +81,52 @@ def shapeeval_dataset(encode: Callable[[list[str]], Conditioning], num_samples: 
     images = images_to_tensor(np.stack([p.image for p in pairs]))
     captions = [p.caption for p in pairs]
     return ArrayDataset(images, encode_captions(encode, captions), captions)
+
+
+class ShardStream:
+    """Endless batches from this worker's shard of a streamed dataset (a Ray Data ``DataIterator``).
+
+    Each pass over the shard is an epoch, locally shuffled with a seed that depends on the epoch;
+    ``(epoch, position)`` is recorded in checkpoints and a resumed stream skips the batches
+    already taken in that epoch. (Ray Data's split across workers is dynamic, so unlike
+    :class:`BatchStream` a resume is to the same place, not to bit-identical batches.)
+    """
+
+    def __init__(self, shard, batch_size: int, seed: int, to_batch: Callable[[dict], Batch],
+                 shuffle_buffer: int = 1024) -> None:
+        self.shard, self.batch_size, self.seed = shard, batch_size, seed
+        self.to_batch, self.shuffle_buffer = to_batch, shuffle_buffer
+        self.epoch = self.position = 0
+        self._batches: Iterator | None = None
+
+    def __iter__(self) -> "ShardStream":
+        return self
+
+    def _open_epoch(self) -> Iterator:
+        batches = iter(self.shard.iter_torch_batches(
+            batch_size=self.batch_size, drop_last=True, local_shuffle_buffer_size=self.shuffle_buffer,
+            local_shuffle_seed=self.seed * 100_003 + self.epoch,
+        ))
+        for _ in range(self.position):  # resume inside an epoch
+            next(batches)
+        return batches
+
+    def __next__(self) -> Batch:
+        for _ in range(2):
+            if self._batches is None:
+                self._batches = self._open_epoch()
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                self._batches, self.epoch, self.position = None, self.epoch + 1, 0
+                continue
+            self.position += 1
+            return self.to_batch(batch)
+        raise RuntimeError(f"this worker's data shard yields no batch of {self.batch_size} rows; "
+                           "use more data or a smaller train.micro_batch")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position, self._batches = state["epoch"], state["position"], None

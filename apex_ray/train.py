@@ -69,6 +69,19 @@ def _start_ray(verbose: bool, workers: int, cpus_per_worker: float) -> None:
         ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
 
 
+def _prepared_path(config: Config) -> Path | None:
+    """The prepared set to stream (made on first use for source=shapeeval); None for inline data."""
+    if config.data.source == "prepared":
+        return Path(config.data.path).resolve()
+    if config.data.source == "shapeeval":
+        from data_pipelines.shapeeval_set import ensure_shapeeval_prepared
+
+        return ensure_shapeeval_prepared(
+            Path(config.data.cache_dir).expanduser(), config.data.num_samples, config.data.seed,
+            config.data.image_size, config.model.backbone, config.model.text_encoder, config.model.max_text_length)
+    return None
+
+
 def _print_progress(queue, stop: threading.Event) -> None:
     from ray.util.queue import Empty
 
@@ -104,8 +117,10 @@ def run(config: Config, verbose: bool = False) -> TrainResult:
     from ray.util.queue import Queue
 
     from apex_ray.worker import train_worker
+    from data_pipelines.prepared import prepared_dataset
 
     _start_ray(verbose, config.world_size, config.distributed.cpus_per_worker)
+    prepared = _prepared_path(config)
     queue = Queue(actor_options={"num_cpus": 0})
     stop = threading.Event()
     printer = threading.Thread(target=_print_progress, args=(queue, stop), daemon=True)
@@ -113,7 +128,9 @@ def run(config: Config, verbose: bool = False) -> TrainResult:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "tracking_uri": tracking_uri,
-                           "run_id": logger.run_id, "progress_queue": queue},
+                           "run_id": logger.run_id, "progress_queue": queue,
+                           "prepared_path": None if prepared is None else str(prepared)},
+        datasets=None if prepared is None else {"train": prepared_dataset(prepared)},
         scaling_config=ScalingConfig(num_workers=config.world_size, use_gpu=config.distributed.use_gpu,
                                      resources_per_worker={"CPU": config.distributed.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if config.distributed.use_gpu else "gloo"),

@@ -18,15 +18,19 @@ import torch
 import torch.distributed as dist
 
 from apex_ray.backbones import build_backbone, build_text_encoder
-from apex_ray.checkpointing import TrainingState, full_state_dict, load_checkpoint, save_checkpoint
+from apex_ray.checkpointing import (
+    TrainingState, full_state_dict, load_checkpoint, save_checkpoint, write_run_description,
+)
 from apex_ray.conditioning import Conditioning
 from apex_ray.config import Config
-from apex_ray.data import BatchStream, shapeeval_dataset
+from apex_ray.data import BatchStream, ShardStream, shapeeval_dataset
 from apex_ray.ema import EMA
 from apex_ray.evaluation import generate, image_grid, sampler_for_nfe
 from apex_ray.parallel import apply_fsdp, gradient_sync, mixed_precision_dtype, parallelize, unwrap
 from apex_ray.shapeeval import evaluation_set, score_images
 from apex_ray.tracking import RunLogger
+from data_pipelines.codecs import load_codec
+from data_pipelines.prepared import read_manifest, to_training_batch
 from apex_ray.training import NonFiniteLossError, StepRunner, build_lr_scheduler, build_objective, build_optimizer
 
 # Metrics averaged over ranks before they are reported (the rest are rank 0's).
@@ -63,11 +67,11 @@ class EvalPrompts:
     def encode(self, captions: list[str]) -> Conditioning:
         return self._table.index(torch.tensor([self._row[c] for c in captions]))
 
-    def generate(self, model, nfe: int, latent_shape, device) -> torch.Tensor | None:
+    def generate(self, model, nfe: int, latent_shape, device, decode) -> torch.Tensor | None:
         """All ranks call this; rank 0 gets every image in prompt order, others ``None``."""
         images = generate(model, self.encode, [self.captions[i] for i in self.items],
                           [self.seeds[i] for i in self.items], latent_shape, sampler_for_nfe(nfe),
-                          device=device)
+                          decode=decode, device=device)
         if not dist.is_initialized() or self.world_size == 1:
             return images
         gathered = [None] * self.world_size if dist.get_rank() == 0 else None
@@ -81,12 +85,12 @@ class EvalPrompts:
 
 
 def evaluate(model, prompts: EvalPrompts, config: Config, latent_shape, device, step: int,
-             logger: RunLogger | None) -> dict[str, float]:
+             logger: RunLogger | None, decode) -> dict[str, float]:
     """Sample grids at ``eval.grid_nfe`` and ShapeEval at ``eval.score_nfe`` (rank 0 logs them)."""
     metrics: dict[str, float] = {}
     model.eval()
     for nfe in sorted(set(config.eval.grid_nfe) | set(config.eval.score_nfe)):
-        images = prompts.generate(model, nfe, latent_shape, device)
+        images = prompts.generate(model, nfe, latent_shape, device, decode)
         if images is None:
             continue
         if nfe in config.eval.score_nfe:
@@ -107,14 +111,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     progress = loop_config.get("progress_queue")
 
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    encoder = build_text_encoder(config.model.text_encoder, config.model.text_encoder_path,
-                                 max_length=config.model.max_text_length)
+    prepared = loop_config.get("prepared_path")
+    manifest = read_manifest(prepared) if prepared else None
+    encoder = _text_encoder(config, manifest)
     overrides = dict(config.model.backbone_overrides)
     if config.model.pretrained is None and config.model.backbone.endswith("-tiny"):
         overrides.setdefault("caption_channels" if "sana" in config.model.backbone else "joint_attention_dim",
                              encoder.embed_dim)
     backbone = build_backbone(config.model.backbone, config.model.pretrained, **overrides).to(device)
     latent_shape = (backbone.latent_channels, backbone.sample_size, backbone.sample_size)
+    if manifest is not None and tuple(manifest["latent_shape"]) != latent_shape:
+        raise ValueError(f"the prepared set {prepared} holds latents of shape {manifest['latent_shape']} but "
+                         f"{config.model.backbone} takes {list(latent_shape)}; prepare the data for this backbone")
 
     compute_dtype = mixed_precision_dtype(config.distributed.mixed_precision, device)
     ema = EMA(backbone, config.ema.decay, config.ema.warmup)  # built before sharding, then sharded alike
@@ -131,9 +139,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     )
     state = TrainingState(model, optimizer, ema)
 
-    dataset = shapeeval_dataset(encoder.encode, config.data.num_samples, config.data.seed, config.data.image_size)
-    stream = BatchStream(dataset.shard(rank, world_size), config.micro_batch, seed=config.train.seed * 7919 + rank)
+    stream_seed = config.train.seed * 7919 + rank
+    if manifest is None:
+        dataset = shapeeval_dataset(encoder.encode, config.data.num_samples, config.data.seed, config.data.image_size)
+        stream = BatchStream(dataset.shard(rank, world_size), config.micro_batch, seed=stream_seed)
+    else:
+        stream = ShardStream(ray.train.get_dataset_shard("train"), config.micro_batch, stream_seed, to_training_batch)
     prompts = EvalPrompts(encoder, config.eval.images_per_prompt, rank, world_size)
+    decode = _decoder(manifest, device)
     del encoder  # captions are encoded; free the text encoder's memory for training
 
     checkpoint = ray.train.get_checkpoint()
@@ -164,7 +177,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         metrics = _all_ranks_mean(metrics) if not aborted else metrics
         last = runner.step >= total or aborted
         if not aborted and (runner.step % config.train.eval_every == 0 or last):
-            metrics.update(evaluate(ema, prompts, config, latent_shape, device, runner.step, logger))
+            metrics.update(evaluate(ema, prompts, config, latent_shape, device, runner.step, logger, decode))
         if runner.step % config.train.log_every == 0 or last or runner.step % config.train.checkpoint_every == 0:
             metrics["step"] = runner.step
             if logger is not None:
@@ -175,6 +188,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 extra = {"runner": runner.extra_state(), "data": stream.state_dict(), "world_size": world_size}
                 with tempfile.TemporaryDirectory() as directory:
                     save_checkpoint(directory, state, extra)
+                    if rank == 0:  # what `python -m apex_ray.export` needs to rebuild the model
+                        write_run_description(directory, config, _backbone_shape_overrides(unwrap(model)))
                     if last and not aborted:
                         _export(model, ema, config, Path(directory) / "export", rank)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -183,6 +198,25 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
         if aborted:
             return
+
+
+def _text_encoder(config: Config, manifest: dict | None):
+    """The encoder the training captions were embedded with (the prepared set's, if any), for the
+    evaluation prompts."""
+    if manifest is None:
+        return build_text_encoder(config.model.text_encoder, config.model.text_encoder_path,
+                                  max_length=config.model.max_text_length)
+    spec = manifest["text_encoder"]
+    return build_text_encoder(spec["preset"], spec.get("path"), max_length=spec["max_length"])
+
+
+def _decoder(manifest: dict | None, device):
+    """Latents -> images in [-1, 1] for evaluation: identity for pixel data, else the set's VAE."""
+    if manifest is None or manifest["codec"]["name"] == "pixel":
+        return lambda latents: latents
+    spec = manifest["codec"]
+    codec = load_codec(spec["name"], spec.get("path"), spec.get("subfolder"), device=device)
+    return codec.decode
 
 
 def _export(model, ema: EMA, config: Config, directory: Path, rank: int) -> None:

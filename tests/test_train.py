@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from apex_ray.backbones import load_backbone
 from apex_ray.config import load_config
+from apex_ray.export import export_checkpoint
 from apex_ray.train import run
 
 TINY = ["train.global_batch=4", "data.num_samples=48", "eval.images_per_prompt=1", "eval.grid_size=8",
@@ -30,9 +31,12 @@ def exported(result, which: str) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_two_worker_fsdp_run_tracks_everything_in_mlflow(ray_cluster, tmp_path):
     config = tiny_config(tmp_path, "train.steps=3", "train.checkpoint_every=2", "tracking.run_name=fsdp-run",
-                         "eval.grid_nfe=[1,2]", "eval.score_nfe=[1]")
+                         "eval.grid_nfe=[1,2]", "eval.score_nfe=[1]", f"data.cache_dir={tmp_path / 'cache'}")
+    assert config.data.source == "shapeeval"  # raw ShapeEval parquet -> Ray Data prepare -> streamed shards
     result = run(config)
     assert result.metrics["step"] == 3
+    manifests = list((tmp_path / "cache").glob("*/prepared/manifest.json"))
+    assert len(manifests) == 1 and (manifests[0].parent.parent / "raw.parquet").is_file()
     client = MlflowClient(result.tracking_uri)
     run_info = client.get_run(result.run_id)
     assert run_info.info.status == "FINISHED"
@@ -53,6 +57,12 @@ def test_two_worker_fsdp_run_tracks_everything_in_mlflow(ray_cluster, tmp_path):
     assert sum(p.numel() for p in model.parameters()) > 1e6
     ckpts = sorted(p.name for p in (Path(result.storage_path) / "fsdp-run").glob("step_*"))
     assert ckpts == ["step_0000002", "step_0000003"]
+    # `python -m apex_ray.export` rebuilds the same weights from the 2-worker DCP shards on one CPU.
+    written = export_checkpoint(result.checkpoint_path, tmp_path / "exported")
+    for which in ("ema", "student"):
+        ours = load_file(str(written[which] / "diffusion_pytorch_model.safetensors"))
+        theirs = exported(result, which)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 @pytest.mark.slow

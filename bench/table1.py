@@ -1,0 +1,117 @@
+"""The paper's Table 1 in miniature: ShapeEval per task, latency and throughput, teacher vs APEX.
+
+    python bench/table1.py --teacher apex_ray/assets/shapes_teacher --apex runs/apex-ft/.../export/ema \
+        [--images-per-prompt 4] [--out docs/table1.md] [--grids docs/images]
+
+Rows: the teacher (flow matching) at NFE 1, 2, 4, 50 and APEX at NFE 1, 2, 4, each with the
+sampler setting given by ``--teacher-sampler`` / default first-order steps. Same prompts and seeds
+for every row (ShapeEval's fixed list). Latency is one image (batch 1) through the sampler,
+median of ``--repeats`` runs after warm-up; throughput is images/s at batch 10. Text embeddings
+are computed once beforehand and not timed (training never runs the encoder either).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from apex_ray.backbones import build_text_encoder, load_backbone
+from apex_ray.evaluation import generate, image_grid
+from apex_ray.sampler import SamplerConfig, sample
+from apex_ray.shapeeval import TASKS, evaluation_set, score_images
+
+
+def sampler_from_json(text: str | None, nfe: int) -> SamplerConfig:
+    """``{"order": 2, "warp": [..]}`` applied at ``nfe`` calls (steps derived from the order)."""
+    options = json.loads(text) if text else {}
+    order = options.pop("order", 1) if nfe > 1 else 1
+    steps = nfe if order == 1 else (nfe + 1) // 2
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return SamplerConfig(steps=steps, order=order, **options)
+
+
+def time_sampler(model, cond, shape, config: SamplerConfig, repeats: int) -> float:
+    sample(model, cond, shape, config, generator=torch.Generator().manual_seed(0))  # warm-up
+    times = []
+    for i in range(repeats):
+        started = time.perf_counter()
+        sample(model, cond, shape, config, generator=torch.Generator().manual_seed(i))
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def evaluate_row(name, model, encoder, nfe, sampler, images_per_prompt, repeats, grids: Path | None):
+    prompts, seeds = evaluation_set(images_per_prompt)
+    captions = [p.caption for p in prompts]
+    shape = (model.latent_channels, model.sample_size, model.sample_size)
+    with torch.no_grad():
+        images = generate(model, encoder.encode, captions, seeds, shape, sampler)
+    scores = score_images(images, prompts)
+    one = encoder.encode(captions[:1])
+    ten = encoder.encode(captions[:10])
+    latency = time_sampler(model, one, (1, *shape), sampler, repeats)
+    throughput = 10 / time_sampler(model, ten, (10, *shape), sampler, max(3, repeats // 4))
+    if grids is not None:
+        grids.mkdir(parents=True, exist_ok=True)
+        pick = torch.arange(0, len(images), max(1, len(images) // 32))[:32]
+        image_grid(images[pick], columns=8).save(grids / f"{name.lower().replace(' ', '_')}_nfe{nfe}.png")
+    return {"model": name, "nfe": nfe, "sampler": sampler, **scores, "latency_s": latency,
+            "throughput": throughput, "params": sum(p.numel() for p in model.parameters())}
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ["Model", "NFE", *TASKS, "Overall", "Latency (s, bs 1)", "Throughput (img/s, bs 10)", "Params"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], str(r["nfe"]), *(f"{r[t]:.2f}" for t in TASKS), f"**{r['overall']:.3f}**",
+                 f"{r['latency_s'] * 1000:.1f} ms", f"{r['throughput']:.1f}", f"{r['params'] / 1e6:.2f}M"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True, help="exported teacher folder (save_pretrained)")
+    parser.add_argument("--apex", help="exported APEX folder (save_pretrained)")
+    parser.add_argument("--teacher-nfe", default="1,2,4,50")
+    parser.add_argument("--apex-nfe", default="1,2,4")
+    parser.add_argument("--teacher-sampler", help='JSON sampler options for the teacher, e.g. {"order": 2}')
+    parser.add_argument("--apex-sampler", help="JSON sampler options for APEX")
+    parser.add_argument("--images-per-prompt", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    parser.add_argument("--grids", type=Path, help="folder for sample grids")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    encoder = build_text_encoder("minilm")
+    rows = []
+    runs = [("Teacher (FM)", args.teacher, args.teacher_nfe, args.teacher_sampler)]
+    if args.apex:
+        runs.append(("APEX", args.apex, args.apex_nfe, args.apex_sampler))
+    for name, path, nfes, sampler_json in runs:
+        model = load_backbone(path).eval()
+        for nfe in (int(n) for n in nfes.split(",")):
+            row = evaluate_row(name, model, encoder, nfe, sampler_from_json(sampler_json, nfe),
+                               args.images_per_prompt, args.repeats, args.grids)
+            rows.append(row)
+            print(f"{name:14s} NFE {nfe:3d}: overall {row['overall']:.3f}  latency {row['latency_s'] * 1000:7.1f} ms"
+                  f"  throughput {row['throughput']:7.1f} img/s", flush=True)
+    table = markdown(rows)
+    header = (f"<!-- generated by bench/table1.py on {dt.date.today()} | {platform.processor() or platform.machine()}, "
+              f"{args.threads} threads, torch {torch.__version__} | {args.images_per_prompt} images per prompt -->")
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(header + "\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

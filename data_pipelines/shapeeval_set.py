@@ -1,0 +1,32 @@
+"""The embedded default's data: ShapeEval raw pairs, prepared once by the same Ray Data job as
+any user data (raw parquet -> ``prepare_latents`` -> prepared set), cached by its settings."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from apex_ray.shapeeval import write_pairs
+from data_pipelines.config import load_prepare_config
+from data_pipelines.prepare_latents import prepare
+from data_pipelines.prepared import MANIFEST
+
+log = logging.getLogger(__name__)
+
+
+def ensure_shapeeval_prepared(cache_dir: str | Path, num_samples: int, seed: int, image_size: int,
+                              backbone: str, text_encoder: str, max_text_length: int) -> Path:
+    """The prepared set for these settings under ``cache_dir``, made on first use (needs Ray)."""
+    name = f"shapeeval-n{num_samples}-s{seed}-{image_size}px-{backbone}-{text_encoder}{max_text_length}"
+    root = Path(cache_dir) / name
+    prepared = root / "prepared"
+    if (prepared / MANIFEST).is_file():
+        return prepared
+    raw = root / "raw.parquet"
+    if not raw.is_file():
+        write_pairs(raw, num_samples, seed=seed, canvas=image_size)
+    config = load_prepare_config(settings={
+        "input.path": str(raw), "output": str(prepared), "backbone": backbone, "image.size": image_size,
+        "text.encoder": text_encoder, "text.max_length": max_text_length,
+    })
+    prepare(config)
+    return prepared
