@@ -38,6 +38,7 @@ class TrainingState(Stateful):
         self.model, self.optimizer, self.ema = model, optimizer, ema
 
     def state_dict(self) -> dict[str, Any]:
+        complete_optimizer_state(self.optimizer)
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optim_state}
         if self.ema is not None:
@@ -49,6 +50,28 @@ class TrainingState(Stateful):
                        optim_state_dict=state["optimizer"])
         if self.ema is not None:
             set_model_state_dict(self.ema, state["ema"])
+
+
+def complete_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every trainable parameter without AdamW state the state AdamW would create at its first
+    gradient (step 0, zero moments), so updates are unchanged.
+
+    A parameter that never receives a gradient (Qwen-Image's last block computes a text stream
+    whose output is discarded) has no state; a resumed optimiser's template would then hold keys
+    the checkpoint lacks and DCP refuses to load it.
+    """
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        raise TypeError(f"checkpoints expect Adam/AdamW (build_optimizer), got {type(optimizer).__name__}")
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.requires_grad and not optimizer.state[param]:
+                local = param.to_local() if hasattr(param, "to_local") else param
+                step_device = local.device if group["fused"] or group["capturable"] else torch.device("cpu")
+                moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+                optimizer.state[param] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=step_device),
+                    **{name: torch.zeros_like(param) for name in moments},
+                }
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:

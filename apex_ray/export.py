@@ -10,10 +10,15 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from apex_ray.backbones import build_backbone
 from apex_ray.checkpointing import RUN_FILE, TrainingState, load_checkpoint
 from apex_ray.config import Config, ConfigError, load_config
 from apex_ray.ema import EMA
+from apex_ray.lora import (
+    EMA_ADAPTER, TRAINED_ADAPTER, AdapterEMA, LoRATrainingState, apply_lora, save_adapter, save_merged,
+)
 from apex_ray.training import build_optimizer
 
 
@@ -28,6 +33,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, config: Config | 
         described = json.loads(run_file.read_text())
         config = config or Config.model_validate(described["config"])
         backbone_config = backbone_config or described["backbone_config"]
+    if config.model.lora.enabled:
+        return _export_lora_checkpoint(checkpoint, out, config, backbone_config)
     model = build_backbone(config.model.backbone, None, **backbone_config)
     ema = EMA(model, config.ema.decay, config.ema.warmup)
     extra = load_checkpoint(checkpoint, TrainingState(model, build_optimizer(model, config.optim), ema))
@@ -36,6 +43,24 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, config: Config | 
         module.save_pretrained(out / name)
         written[name] = out / name
     print(f"exported step {extra['runner']['step']} of {checkpoint} -> {out}/{{ema,student}}")
+    return written
+
+
+def _export_lora_checkpoint(checkpoint: Path, out: Path, config: Config, backbone_config: dict) -> dict[str, Path]:
+    """A LoRA checkpoint holds adapters only: rebuild the base as training did (``model.pretrained``,
+    or the seeded random init), load the adapters, write them (``out/lora/*``) and merged (``out/*``)."""
+    torch.manual_seed(config.train.seed)
+    model = build_backbone(config.model.backbone, config.model.pretrained,
+                           **({} if config.model.pretrained else backbone_config))
+    apply_lora(model, config.model.lora)
+    ema = AdapterEMA(model, config.ema.decay, config.ema.warmup)
+    extra = load_checkpoint(checkpoint, LoRATrainingState(model, build_optimizer(model, config.optim), ema))
+    written = {}
+    for name, adapter in (("ema", EMA_ADAPTER), ("student", TRAINED_ADAPTER)):
+        save_adapter(model, out / "lora" / name, adapter)
+        save_merged(model, out / name, adapter)
+        written[name] = out / name
+    print(f"exported step {extra['runner']['step']} of {checkpoint} -> {out}/{{ema,student}} and {out}/lora")
     return written
 
 

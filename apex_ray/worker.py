@@ -25,6 +25,9 @@ from apex_ray.conditioning import Conditioning
 from apex_ray.config import Config
 from apex_ray.data import BatchStream, ShardStream, shapeeval_dataset
 from apex_ray.ema import EMA
+from apex_ray.lora import (
+    EMA_ADAPTER, TRAINED_ADAPTER, AdapterEMA, LoRATrainingState, apply_lora, save_adapter, save_merged,
+)
 from apex_ray.evaluation import generate, image_grid, sampler_for_nfe
 from apex_ray.parallel import apply_fsdp, gradient_sync, mixed_precision_dtype, parallelize, unwrap
 from apex_ray.shapeeval import evaluation_set, score_images
@@ -125,10 +128,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                          f"{config.model.backbone} takes {list(latent_shape)}; prepare the data for this backbone")
 
     compute_dtype = mixed_precision_dtype(config.distributed.mixed_precision, device)
-    ema = EMA(backbone, config.ema.decay, config.ema.warmup)  # built before sharding, then sharded alike
+    lora = config.model.lora.enabled
+    if lora:  # frozen base, trainable adapter; the EMA is a second adapter on the same base
+        _say(progress, rank, str(apply_lora(backbone, config.model.lora)))
+        ema = AdapterEMA(backbone, config.ema.decay, config.ema.warmup)
+    else:
+        ema = EMA(backbone, config.ema.decay, config.ema.warmup)  # built before sharding, then sharded alike
     model = parallelize(backbone, backbone.blocks(), config.distributed.strategy, device, compute_dtype,
                         config.distributed.activation_checkpointing)
-    if config.distributed.strategy == "fsdp":
+    if config.distributed.strategy == "fsdp" and not lora:
         apply_fsdp(ema.module, ema.module.blocks(), compute_dtype)
     optimizer = build_optimizer(model, config.optim)
     runner = StepRunner(
@@ -137,7 +145,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         max_nonfinite_steps=config.train.max_nonfinite_steps, grad_sync=gradient_sync(model),
         autocast_dtype=compute_dtype if config.distributed.strategy != "fsdp" else None,
     )
-    state = TrainingState(model, optimizer, ema)
+    state = LoRATrainingState(model, optimizer, ema) if lora else TrainingState(model, optimizer, ema)
 
     stream_seed = config.train.seed * 7919 + rank
     if manifest is None:
@@ -191,7 +199,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     if rank == 0:  # what `python -m apex_ray.export` needs to rebuild the model
                         write_run_description(directory, config, _backbone_shape_overrides(unwrap(model)))
                     if last and not aborted:
-                        _export(model, ema, config, Path(directory) / "export", rank)
+                        (_export_lora if lora else _export)(model, ema, config, Path(directory) / "export", rank)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                                      checkpoint_dir_name=f"step_{runner.step:07d}")
             else:
@@ -227,6 +235,15 @@ def _export(model, ema: EMA, config: Config, directory: Path, rank: int) -> None
             fresh = build_backbone(config.model.backbone, None, **_backbone_shape_overrides(module))
             fresh.load_state_dict(weights)
             fresh.save_pretrained(directory / name)
+
+
+def _export_lora(model, ema: AdapterEMA, config: Config, directory: Path, rank: int) -> None:
+    """Both adapters in diffusers LoRA format (``lora/ema``, ``lora/student``) and each merged into
+    the base (``ema``, ``student``: what ``load_backbone`` and ``apex_ray.sample`` read). Collectives."""
+    backbone = unwrap(model)
+    for name, adapter in (("ema", EMA_ADAPTER), ("student", TRAINED_ADAPTER)):
+        save_adapter(backbone, directory / "lora" / name, adapter)
+        save_merged(backbone, directory / name, adapter)
 
 
 def _backbone_shape_overrides(module) -> dict[str, Any]:

@@ -140,3 +140,22 @@ def test_unreachable_tracking_server_fails_at_start(tmp_path):
     assert proc.returncode == 2
     assert "cannot reach the MLflow tracking server at http://127.0.0.1:9" in proc.stderr
     assert not (tmp_path / "ray").exists()
+
+
+@pytest.mark.slow
+def test_lora_run_trains_adapters_exports_and_resumes(ray_cluster, tmp_path):
+    base = ["model.lora.enabled=true", "model.lora.rank=4", "eval.grid_nfe=[1]", "eval.score_nfe=[]",
+            "tracking.run_name=lora", "train.checkpoint_every=2", "data.source=inline-shapeeval"]
+    first = run(tiny_config(tmp_path, *base, "train.steps=2"))
+    export = Path(first.export_path)
+    for which in ("ema", "student"):
+        assert (export / "lora" / which / "pytorch_lora_weights.safetensors").is_file()
+        load_backbone(export / which)  # the adapter merged into the base
+    second = run(tiny_config(tmp_path, *base, "train.steps=3"))
+    assert second.run_id == first.run_id and second.metrics["step"] == 3
+    # The checkpoint holds adapters only, not the frozen base.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(second.checkpoint_path).read_metadata().state_dict_metadata
+    weight_keys = [k for k in keys if k.startswith(("train.adapter", "train.ema.weights", "train.model"))]
+    assert weight_keys and all("lora" in k for k in weight_keys), weight_keys[:5]
