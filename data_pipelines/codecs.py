@@ -35,10 +35,6 @@ class ImageCodec(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels (roughly in [-1, 1], not clamped) of latents made by :meth:`encode`."""
 
-    def describe(self) -> dict:
-        """What the manifest records about the codec."""
-        return {"name": self.name}
-
 
 class PixelCodec(ImageCodec):
     """The identity: latents are the pixels."""
@@ -53,15 +49,14 @@ class PixelCodec(ImageCodec):
 
 
 class DiffusersVAECodec(ImageCodec):
-    """A frozen diffusers VAE on ``device`` in ``dtype``; subclasses apply the pipeline's scaling."""
+    """A frozen diffusers VAE on ``device`` (in the VAE's dtype); subclasses apply the pipeline's scaling."""
 
     vae_class: ClassVar[type[ModelMixin]]
 
-    def __init__(self, vae: ModelMixin, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 path: str | None = None, subfolder: str | None = None) -> None:
-        self.device, self.dtype = torch.device(device), dtype
-        self.vae = vae.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
-        self.path, self.subfolder = path, subfolder
+    def __init__(self, vae: ModelMixin, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.vae = vae.to(self.device).eval().requires_grad_(False)
+        self.dtype = self.vae.dtype
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None,
@@ -72,8 +67,7 @@ class DiffusersVAECodec(ImageCodec):
             if not os.path.isfile(os.path.join(path, "vae", "config.json")):
                 raise FileNotFoundError(f"{path} holds neither a VAE (config.json) nor a pipeline's vae/ folder")
             subfolder = "vae"
-        vae = cls.vae_class.from_pretrained(path, subfolder=subfolder)
-        return cls(vae, device, dtype, path, subfolder)
+        return cls(cls.vae_class.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype), device)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -88,9 +82,6 @@ class DiffusersVAECodec(ImageCodec):
 
     @abstractmethod
     def _decode(self, latents: torch.Tensor) -> torch.Tensor: ...
-
-    def describe(self) -> dict:
-        return {"name": self.name, "path": self.path, "subfolder": self.subfolder, "class": self.vae_class.__name__}
 
 
 class AutoencoderKLCodec(DiffusersVAECodec):

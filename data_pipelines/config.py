@@ -48,6 +48,7 @@ class InputConfig(_Section):
 class ImageConfig(_Section):
     size: int = Field(32, gt=0)  # side of the square crop fed to the codec
     min_side: int | None = Field(None, gt=0)  # shorter side below this is rejected; default size // 2
+    decode_num_cpus: float | None = Field(None, gt=0)  # per decode task; default below
 
     @property
     def resolved_min_side(self) -> int:
@@ -77,7 +78,7 @@ class TextConfig(ActorPoolConfig):
 class StorageConfig(_Section):
     latent_dtype: StorageDtype = "float32"
     text_dtype: StorageDtype = "float16"
-    rows_per_shard: int = Field(4096, gt=0)  # target rows per parquet shard
+    rows_per_shard: int = Field(1024, gt=0)  # at most this many rows per parquet shard
 
 
 class PrepareConfig(_Section):
@@ -111,6 +112,14 @@ class PrepareConfig(_Section):
             self.text.max_length = TEXT_ENCODER_PRESETS[self.text.encoder].max_length
         return self
 
+    @property
+    def decode_cpus(self) -> float:
+        """CPUs per decode task. By default the codec's ``num_cpus`` when the codec runs on CPU, so
+        that Ray fuses decoding into the codec actors (no extra CPUs needed), else 1."""
+        if self.image.decode_num_cpus is not None:
+            return self.image.decode_num_cpus
+        return self.codec.num_cpus if self.codec.num_gpus == 0 else 1.0
+
     def content_hash(self) -> str:
         """Hash of every setting that changes the prepared rows (not where or how fast they are made)."""
         content = self.model_dump(
@@ -119,6 +128,7 @@ class PrepareConfig(_Section):
             exclude={
                 "codec": set(ActorPoolConfig.model_fields),
                 "text": set(ActorPoolConfig.model_fields),
+                "image": {"decode_num_cpus"},
                 "storage": {"rows_per_shard"},
             },
         )
@@ -151,7 +161,8 @@ def load_prepare_config(path: str | os.PathLike | None = None, overrides: list[s
     try:
         return PrepareConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+        # apex_ray's formatter points at the training config's fields; these live here.
+        raise ConfigError(format_validation_error(err).replace("apex_ray/config.py", "data_pipelines/config.py")) from None
 
 
 class FakeBufferConfig(_Section):

@@ -11,13 +11,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from apex_ray.backbones import build_text_encoder
 from apex_ray.shapeeval import images_to_tensor
 from data_pipelines.codecs import load_codec
 from data_pipelines.decode import IMAGE_ENCODING_FAILED, TEXT_ENCODING_FAILED
+from data_pipelines.output import atomic_path
 
 Arrays = dict[str, np.ndarray]
+EMPTY_PROMPT_TENSORS = {"embeds": "text_embeds", "mask": "text_mask", "pooled": "pooled"}
+"""Tensor names in ``empty_prompt.safetensors`` -> the shard columns they correspond to."""
 
 
 def _device(num_gpus: float) -> str:
@@ -47,11 +51,15 @@ class CaptionEncoder:
     """Captions -> ``text_embeds [B, L, D]``, ``text_mask [B, L]`` (int8) and ``pooled [B, P]`` if the
     encoder has one; always padded to ``max_length`` so every row has the same shape."""
 
-    def __init__(self, preset: str, path: str | None, max_length: int, text_dtype: str, num_gpus: float = 0.0) -> None:
+    def __init__(self, preset: str, path: str | None, max_length: int, text_dtype: str, num_gpus: float = 0.0,
+                 empty_prompt_file: str | None = None) -> None:
         self.encoder = build_text_encoder(preset, path, max_length=max_length, device=_device(num_gpus))
         self.max_length = max_length
         self.dtype = np.dtype(text_dtype)
-        self.template = _zeros_like(self.encode(["a"]))
+        empty_prompt = self.encode([""])
+        self.template = _zeros_like(empty_prompt)
+        if empty_prompt_file is not None:
+            save_empty_prompt(empty_prompt, empty_prompt_file)
 
     def encode(self, captions: Sequence[str]) -> Arrays:
         """Each distinct caption is encoded once (captions repeat a lot in practice)."""
@@ -123,10 +131,13 @@ def encode_isolating_failures(encode: Callable[[list], Arrays], items: list,
     return out, failures
 
 
-def encode_empty_prompt(preset: str, path: str | None, max_length: int, num_gpus: float = 0.0) -> Arrays:
-    """Embeddings of the empty prompt ``""`` (float32, one row), for classifier-free guidance."""
-    encoder = CaptionEncoder(preset, path, max_length, "float32", num_gpus)
-    return {key: value[0] for key, value in encoder.encode([""]).items()}
+def save_empty_prompt(arrays: Arrays, file: str) -> None:
+    """Write the empty prompt's row as ``embeds``, ``mask`` (and ``pooled``). Every text actor
+    writes the same file, atomically, so it costs no extra load of the text encoder."""
+    tensors = {name: torch.from_numpy(arrays[column][0].copy())
+               for name, column in EMPTY_PROMPT_TENSORS.items() if column in arrays}
+    with atomic_path(file) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def _zeros_like(arrays: Arrays) -> Arrays:

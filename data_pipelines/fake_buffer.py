@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from pydantic import ValidationError
+from ray.data import ActorPoolStrategy
 
 from apex_ray.backbones import load_backbone
 from apex_ray.backbones.base import read_backbone_file
@@ -32,11 +33,11 @@ from apex_ray.buffer import FakeSampleBuffer
 from apex_ray.config import format_validation_error
 from apex_ray.sampler import SamplerConfig, sample
 from data_pipelines.config import FakeBufferConfig
-from data_pipelines.output import OutputError, StagedOutput
+from data_pipelines.output import WRITE_TASK_CPUS, OutputError, StagedOutput
 from data_pipelines.prepared import (
     as_tensor, prepared_dataset, read_manifest, read_rows, shard_paths, tensor_columns, to_conditioning,
 )
-from data_pipelines.readers import InputError
+from data_pipelines.readers import READ_TASK_CPUS, InputError
 
 KIND = "fake_buffer"
 FORMAT_VERSION = 1
@@ -83,12 +84,12 @@ def make_fake_buffer(config: FakeBufferConfig) -> dict:
         started = time.perf_counter()
         if not ray.is_initialized():
             ray.init()
-        rows = prepared_dataset(config.latents, columns=columns)
+        rows = prepared_dataset(config.latents, columns=columns, num_cpus=READ_TASK_CPUS)
         if config.limit is not None:
             rows = rows.limit(config.limit)
         pool = config.sampler
         samples = rows.map_batches(
-            FakeSampler, batch_size=pool.batch_size, concurrency=pool.concurrency,
+            FakeSampler, batch_size=pool.batch_size, compute=ActorPoolStrategy(size=pool.concurrency),
             num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
             fn_constructor_kwargs={
                 "checkpoint": os.path.abspath(config.checkpoint), "steps": config.steps, "seed": config.seed,
@@ -96,7 +97,7 @@ def make_fake_buffer(config: FakeBufferConfig) -> dict:
             },
         )
         sink = out.sink(config.rows_per_shard)
-        samples.write_datasink(sink)
+        samples.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
         shards, _ = out.commit_shards(sink.results)
         tensors = tensor_columns(pq.read_schema(shard_paths(out.path, {"shards": shards})[0]))
         manifest = {

@@ -30,8 +30,13 @@ from ray.data.block import BlockAccessor
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+REJECT_PARTS = "rejects"
+"""Staging subfolder of the reject rows; the job merges them into one file."""
 STAGING_PREFIX = ".staging-"
 TMP_PREFIX = ".tmp-"
+WRITE_TASK_CPUS = 0.0
+"""Writing shards is I/O: write tasks ask for no CPU, so they never wait behind CPUs held by the
+actor pools (rows would pile up in the object store until the pools finish)."""
 REJECT_COLUMNS = ("id", "source", "reason", "detail")
 """Columns of a reject row; a block with a ``reason`` column is split into shard and reject rows."""
 
@@ -56,7 +61,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 def write_json_atomic(target: str | os.PathLike, payload: dict[str, Any]) -> None:
     with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 class StagedOutput:
@@ -91,14 +96,12 @@ class StagedOutput:
         shard_dir = self.path / SHARDS
         shard_dir.mkdir()
         shards, rejects = [], []
-        ordered = sorted(results, key=lambda r: (r["task"], r["name"]))
-        for result in ordered:
-            if result["rows"]:
+        for result in sorted(results, key=lambda r: r["task"]):
+            for staged, rows in result[SHARDS]:
                 name = f"shard-{len(shards):05d}.parquet"
-                os.replace(self.staging / SHARDS / result["name"], shard_dir / name)
-                shards.append({"file": f"{SHARDS}/{name}", "rows": result["rows"]})
-            if result["rejected"]:
-                rejects.append(self.staging / "rejects" / result["name"])
+                os.replace(self.staging / SHARDS / staged, shard_dir / name)
+                shards.append({"file": f"{SHARDS}/{name}", "rows": rows})
+            rejects += [self.staging / REJECT_PARTS / staged for staged, _ in result[REJECT_PARTS]]
         return shards, rejects
 
     def finish(self, manifest: dict[str, Any]) -> None:
@@ -151,8 +154,9 @@ class StagedOutput:
 
 
 class StagedShardSink(Datasink):
-    """Ray Data sink: each write task streams its blocks into one staged shard (and one staged
-    rejects file for rows with a non-empty ``reason``) and returns the row counts."""
+    """Ray Data sink: each write task streams its blocks into staged shards of at most
+    ``rows_per_shard`` rows (and a staged rejects file for rows with a non-empty ``reason``) and
+    returns the files it wrote with their row counts."""
 
     def __init__(self, staging: str, rows_per_shard: int) -> None:
         self.staging = staging
@@ -164,32 +168,59 @@ class StagedShardSink(Datasink):
         return self.rows_per_shard
 
     def write(self, blocks, ctx) -> dict[str, Any]:
-        name = f"{ctx.task_idx:06d}-{uuid.uuid4().hex[:8]}.parquet"
-        writers: dict[str, pq.ParquetWriter] = {}
-        counts = {SHARDS: 0, "rejects": 0}
+        prefix = f"{ctx.task_idx:06d}-{uuid.uuid4().hex[:8]}"
+        files = {
+            SHARDS: RollingParquetWriter(os.path.join(self.staging, SHARDS), prefix, self.rows_per_shard),
+            REJECT_PARTS: RollingParquetWriter(os.path.join(self.staging, REJECT_PARTS), prefix),
+        }
         try:
             for block in blocks:
-                table = BlockAccessor.for_block(block).to_arrow()
-                for kind, part in split_rejects(table).items():
-                    if part.num_rows:
-                        if kind not in writers:
-                            os.makedirs(os.path.join(self.staging, kind), exist_ok=True)
-                            writers[kind] = pq.ParquetWriter(os.path.join(self.staging, kind, name), part.schema)
-                        writers[kind].write_table(part)
-                        counts[kind] += part.num_rows
+                for kind, part in split_rejects(BlockAccessor.for_block(block).to_arrow()).items():
+                    files[kind].write(part)
         finally:
-            for writer in writers.values():
+            for writer in files.values():
                 writer.close()
-        return {"task": ctx.task_idx, "name": name, "rows": counts[SHARDS], "rejected": counts["rejects"]}
+        return {"task": ctx.task_idx, **{kind: writer.written for kind, writer in files.items()}}
 
     def on_write_complete(self, write_result) -> None:
         self.results = list(write_result.write_returns)
 
 
+class RollingParquetWriter:
+    """Writes tables into ``<folder>/<prefix>-<n>.parquet``, a new file every ``max_rows`` rows;
+    ``written`` lists ``(file name, rows)``."""
+
+    def __init__(self, folder: str, prefix: str, max_rows: int | None = None) -> None:
+        self.folder, self.prefix, self.max_rows = folder, prefix, max_rows
+        self.written: list[tuple[str, int]] = []
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self._writer is None:
+                name = f"{self.prefix}-{len(self.written):04d}.parquet"
+                os.makedirs(self.folder, exist_ok=True)
+                self._writer = pq.ParquetWriter(os.path.join(self.folder, name), table.schema)
+                self.written.append((name, 0))
+            name, rows = self.written[-1]
+            take = table.num_rows if self.max_rows is None else min(table.num_rows, self.max_rows - rows)
+            self._writer.write_table(table.slice(0, take))
+            self.written[-1] = (name, rows + take)
+            table = table.slice(take)
+            if self.max_rows is not None and rows + take >= self.max_rows:
+                self.close()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
 def split_rejects(table: pa.Table) -> dict[str, pa.Table]:
-    """``{"shards": accepted rows without the bookkeeping columns, "rejects": reject rows}``."""
+    """``{"shards": accepted rows without the bookkeeping columns, "rejects": reject rows}``;
+    a table without a ``reason`` column is all accepted."""
     if "reason" not in table.column_names:
         return {SHARDS: table}
     usable = pc.equal(table["reason"], "")
     accepted = table.filter(usable).drop_columns([c for c in REJECT_COLUMNS[1:] if c in table.column_names])
-    return {SHARDS: accepted, "rejects": table.filter(pc.invert(usable)).select(list(REJECT_COLUMNS))}
+    return {SHARDS: accepted, REJECT_PARTS: table.filter(pc.invert(usable)).select(list(REJECT_COLUMNS))}

@@ -21,21 +21,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-import torch
-from safetensors.torch import save_file
+from ray.data import ActorPoolStrategy
 
 from apex_ray.config import ConfigError
 from data_pipelines.config import PrepareConfig, load_prepare_config
 from data_pipelines.decode import decode_rows
-from data_pipelines.encoders import CaptionEncoder, ImageEncoder, encode_empty_prompt
-from data_pipelines.output import REJECT_COLUMNS, OutputError, StagedOutput, atomic_path
-from data_pipelines.prepared import EMPTY_PROMPT, REJECTS, shard_paths, tensor_columns
-from data_pipelines.readers import InputError, plan_input, read_input
+from data_pipelines.encoders import CaptionEncoder, ImageEncoder
+from data_pipelines.output import REJECT_COLUMNS, WRITE_TASK_CPUS, OutputError, StagedOutput, atomic_path
+from data_pipelines.prepared import EMPTY_PROMPT, REJECTS, load_empty_prompt, shard_paths, tensor_columns
+from data_pipelines.readers import InputError, InputPlan, plan_input, read_input
 
 FORMAT_VERSION = 1
-EMPTY_PROMPT_TENSORS = {"embeds": "text_embeds", "mask": "text_mask", "pooled": "pooled"}
-"""Tensor names in ``empty_prompt.safetensors`` -> the shard columns they correspond to."""
 REJECTS_SCHEMA = pa.schema([(name, pa.string()) for name in REJECT_COLUMNS])
+
+log = logging.getLogger(__name__)
 
 
 def prepare(config: PrepareConfig) -> dict:
@@ -50,28 +49,16 @@ def prepare(config: PrepareConfig) -> dict:
         started = time.perf_counter()
         if not ray.is_initialized():
             ray.init()
-        text = config.text
-        empty_prompt_task = (  # runs beside the pipeline; one more load of the text encoder
-            ray.remote(encode_empty_prompt)
-            .options(num_cpus=text.num_cpus, num_gpus=text.num_gpus)
-            .remote(text.encoder, text.path, text.max_length, text.num_gpus)
-        )
+        warn_if_short_of_resources(config)
         sink = out.sink(config.storage.rows_per_shard)
-        build_pipeline(config, read_input(plan)).write_datasink(sink)
-        empty_prompt = ray.get(empty_prompt_task)
-        save_file({name: torch.from_numpy(empty_prompt[column]) for name, column in EMPTY_PROMPT_TENSORS.items()
-                   if column in empty_prompt}, str(out.staging / EMPTY_PROMPT))
-        shards, reject_files = out.commit_shards(sink.results)
-        rejects = pa.concat_tables([pq.read_table(f) for f in reject_files]) if reject_files else REJECTS_SCHEMA.empty_table()
-        with atomic_path(out.path / REJECTS) as tmp:
-            pq.write_table(rejects, tmp)
-        (out.staging / EMPTY_PROMPT).replace(out.path / EMPTY_PROMPT)
-
+        pipeline = build_pipeline(config, read_input(plan), str(out.staging / EMPTY_PROMPT))
+        pipeline.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
+        shards, rejects = commit(out, sink.results)
         rows_written = sum(shard["rows"] for shard in shards)
         if plan.rows != rows_written + rejects.num_rows:
             raise RuntimeError(f"row count mismatch: {plan.rows} rows in, {rows_written} written, "
                                f"{rejects.num_rows} rejected; the output was removed (please report this bug)")
-        manifest = build_manifest(config, plan.rows, shards, rejects, empty_prompt, out)
+        manifest = build_manifest(config, plan, shards, rejects, out)
         out.finish(manifest)
     elapsed = time.perf_counter() - started
     reasons = ", ".join(f"{k} {v}" for k, v in manifest["rejects_by_reason"].items())
@@ -80,15 +67,27 @@ def prepare(config: PrepareConfig) -> dict:
     return manifest
 
 
-def build_pipeline(config: PrepareConfig, rows: ray.data.Dataset) -> ray.data.Dataset:
-    """raw rows -> decoded pixels (tasks) -> latents (codec actors) -> text embeddings (text actors)."""
+def commit(out: StagedOutput, results: list[dict]) -> tuple[list[dict], pa.Table]:
+    """Move the shards and the empty prompt into place and merge the staged rejects into
+    ``rejects.parquet``; returns the shard list and the rejects."""
+    shards, reject_files = out.commit_shards(results)
+    rejects = pa.concat_tables([pq.read_table(f) for f in reject_files]) if reject_files else REJECTS_SCHEMA.empty_table()
+    with atomic_path(out.path / REJECTS) as tmp:
+        pq.write_table(rejects, tmp)
+    (out.staging / EMPTY_PROMPT).replace(out.path / EMPTY_PROMPT)
+    return shards, rejects
+
+
+def build_pipeline(config: PrepareConfig, rows: ray.data.Dataset, empty_prompt_file: str) -> ray.data.Dataset:
+    """raw rows -> decoded pixels (tasks) -> latents (codec actors) -> text embeddings (text actors,
+    which also write the empty prompt's embedding to ``empty_prompt_file``)."""
     codec, text = config.codec, config.text
     decoded = rows.map_batches(
-        decode_rows, batch_size=codec.batch_size,
+        decode_rows, batch_size=codec.batch_size, num_cpus=config.decode_cpus,
         fn_kwargs={"size": config.image.size, "min_side": config.image.resolved_min_side},
     )
     encoded = decoded.map_batches(
-        ImageEncoder, batch_size=codec.batch_size, concurrency=codec.concurrency,
+        ImageEncoder, batch_size=codec.batch_size, compute=ActorPoolStrategy(size=codec.concurrency),
         num_cpus=codec.num_cpus, num_gpus=codec.num_gpus,
         fn_constructor_kwargs={
             "codec": codec.model_dump(include={"name", "path", "subfolder", "dtype"}),
@@ -96,36 +95,56 @@ def build_pipeline(config: PrepareConfig, rows: ray.data.Dataset) -> ray.data.Da
         },
     )
     return encoded.map_batches(
-        CaptionEncoder, batch_size=text.batch_size, concurrency=text.concurrency,
+        CaptionEncoder, batch_size=text.batch_size, compute=ActorPoolStrategy(size=text.concurrency),
         num_cpus=text.num_cpus, num_gpus=text.num_gpus,
         fn_constructor_kwargs={
             "preset": text.encoder, "path": text.path, "max_length": text.max_length,
             "text_dtype": config.storage.text_dtype, "num_gpus": text.num_gpus,
+            "empty_prompt_file": empty_prompt_file,
         },
     )
 
 
-def build_manifest(config: PrepareConfig, rows_in: int, shards: list[dict], rejects: pa.Table,
-                   empty_prompt: dict, out: StagedOutput) -> dict:
+def warn_if_short_of_resources(config: PrepareConfig) -> None:
+    """Say so when the actor pools (and a decode task, unless decoding runs in the codec actors)
+    cannot all run at once on the cluster as it is now: the stream would wait for an autoscaler,
+    and stall without one. Read and write tasks ask for no CPU."""
+    codec, text = config.codec, config.text
+    fused = codec.num_gpus == 0 and config.decode_cpus == codec.num_cpus  # Ray runs decoding in the codec actors
+    cpus = codec.concurrency * codec.num_cpus + text.concurrency * text.num_cpus + (0 if fused else config.decode_cpus)
+    gpus = codec.concurrency * codec.num_gpus + text.concurrency * text.num_gpus
+    have = ray.cluster_resources()
+    if cpus > have.get("CPU", 0) or gpus > have.get("GPU", 0):
+        log.warning(
+            "prepare_latents: the actor pools and a decode task need %.2f CPUs and %.2f GPUs at once but the "
+            "cluster has %.2f CPUs and %.2f GPUs now; the job waits for an autoscaler to add nodes, and stalls "
+            "without one: lower codec/text concurrency, num_cpus or num_gpus, or image.decode_num_cpus",
+            cpus, gpus, have.get("CPU", 0), have.get("GPU", 0),
+        )
+
+
+def build_manifest(config: PrepareConfig, plan: InputPlan, shards: list[dict], rejects: pa.Table,
+                   out: StagedOutput) -> dict:
+    empty_prompt = load_empty_prompt(out.path)
     columns = tensor_columns(pq.read_schema(shard_paths(out.path, {"shards": shards})[0])) if shards else {}
     by_reason = pc.value_counts(rejects["reason"]).to_pylist() if rejects.num_rows else []
     return {
         "format_version": FORMAT_VERSION,
         "kind": "prepared_set",
-        "rows_in": rows_in,
+        "rows_in": plan.rows,
         "rows_written": sum(shard["rows"] for shard in shards),
         "rows_rejected": rejects.num_rows,
         "rejects_by_reason": {item["values"]: item["counts"] for item in sorted(by_reason, key=lambda i: i["values"])},
         "latent_shape": columns.get("latent", {}).get("shape"),
         "latent_dtype": config.storage.latent_dtype,
-        "text_shape": list(empty_prompt["text_embeds"].shape),
+        "text_shape": list(empty_prompt.embeds.shape[1:]),
         "text_dtype": config.storage.text_dtype,
-        "pooled_shape": list(empty_prompt["pooled"].shape) if "pooled" in empty_prompt else None,
+        "pooled_shape": None if empty_prompt.pooled is None else list(empty_prompt.pooled.shape[1:]),
         "image_size": config.image.size,
         "codec": {k: v for k, v in config.codec.model_dump().items() if k in ("name", "path", "subfolder", "dtype")},
         "text_encoder": {"preset": config.text.encoder, "path": config.text.path, "max_length": config.text.max_length},
         "backbone": config.backbone,
-        "input": {"path": config.input.path, "format": config.input.format},
+        "input": {"path": config.input.path, "format": plan.format},
         "config_hash": config.content_hash(),
         "config": config.model_dump(mode="json"),
         "shards": shards,

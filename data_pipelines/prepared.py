@@ -52,9 +52,10 @@ def shard_paths(path: str | os.PathLike, manifest: Mapping[str, Any] | None = No
     return [str(Path(path).resolve() / shard["file"]) for shard in manifest["shards"]]
 
 
-def prepared_dataset(path: str | os.PathLike, columns: list[str] | None = None):
+def prepared_dataset(path: str | os.PathLike, columns: list[str] | None = None, **read_parquet_args):
     """A Ray Dataset over the shards; by default only the :data:`TRAINING_COLUMNS` the set has, so
-    that ``iter_torch_batches`` works (``id`` and ``caption`` are strings: ask for them explicitly)."""
+    that ``iter_torch_batches`` works (``id`` and ``caption`` are strings: ask for them explicitly).
+    ``read_parquet_args`` go to ``ray.data.read_parquet`` (e.g. ``num_cpus``, ``shuffle``)."""
     import ray.data
 
     manifest = read_manifest(path)
@@ -63,7 +64,7 @@ def prepared_dataset(path: str | os.PathLike, columns: list[str] | None = None):
                          f"see {REJECTS})")
     if columns is None:
         columns = [c for c in TRAINING_COLUMNS if c != "pooled" or manifest.get("pooled_shape")]
-    return ray.data.read_parquet(shard_paths(path, manifest), columns=columns)
+    return ray.data.read_parquet(shard_paths(path, manifest), columns=columns, **read_parquet_args)
 
 
 def to_training_batch(batch: Mapping[str, np.ndarray | torch.Tensor]) -> Batch:
@@ -106,10 +107,14 @@ def read_rows(path: str | os.PathLike, columns: list[str], limit: int | None = N
     if limit is not None:
         table = table.slice(0, limit)
     return {
-        column: table.column(column).to_pylist() if pa.types.is_string(table.schema.field(column).type)
+        column: table.column(column).to_pylist() if _is_text(table.schema.field(column).type)
         else tensor_column(table, column)
         for column in columns
     }
+
+
+def _is_text(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
 
 
 def load_prepared_arrays(path: str | os.PathLike, limit: int | None = None) -> tuple[torch.Tensor, Conditioning, list[str]]:

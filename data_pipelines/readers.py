@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+import ray.data
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
 
 from data_pipelines.config import InputConfig
 
@@ -28,8 +33,12 @@ SHAPEEVAL_COLUMNS = ("id", "image_bytes", "text", "task")
 PARQUET_READ_ROWS = 1024
 """Rows per batch when a task reads a parquet row group (bounds a task's memory)."""
 IMAGE_FILES_PER_BATCH = 64
-MAX_READ_BLOCKS = 1000
-"""Upper bound on the blocks the read units are split into (one per unit below it)."""
+READ_TASK_CPUS = 0.0
+"""Reading is I/O: read tasks ask for no CPU, so they never wait behind CPUs held by the actor
+pools downstream (which would stall the stream on a small machine)."""
+RAW_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("image_bytes", pa.binary()), ("caption", pa.string()),
+])
 
 
 class InputError(ValueError):
@@ -55,42 +64,69 @@ def plan_input(config: InputConfig) -> InputPlan:
         raise InputError(f"input {str(root)!r} does not exist; pass a parquet file, a folder of parquet files "
                          "or a folder of images with .txt captions")
     parquet_files = _parquet_files(root)
-    image_files = _image_files(root) if root.is_dir() and not parquet_files else []
-    fmt = config.format
-    if fmt == "auto":
-        if parquet_files:
-            names = set(pq.read_schema(parquet_files[0]).names)
-            fmt = "shapeeval" if config.id_column is None and names >= set(SHAPEEVAL_COLUMNS) else "parquet"
-        elif image_files:
-            fmt = "image_folder"
-        else:
-            raise InputError(f"input {str(root)!r} holds no parquet files and no images "
-                             f"({', '.join(sorted(IMAGE_EXTENSIONS))}); nothing to prepare")
+    fmt = _detect_format(root, parquet_files, config) if config.format == "auto" else config.format
     if fmt == "image_folder":
-        plan = _plan_image_folder(root, _image_files(root) if root.is_dir() else [])
+        plan = _plan_image_folder(root)
+    elif fmt == "shapeeval":
+        plan = _plan_parquet(root, parquet_files, fmt, {"image": "image_bytes", "caption": "text", "id": "id"})
     else:
-        if fmt == "shapeeval":
-            columns = {"image": "image_bytes", "caption": "text", "id": "id"}
-        else:
-            columns = {"image": config.image_column, "caption": config.caption_column, "id": config.id_column}
+        columns = {"image": config.image_column, "caption": config.caption_column, "id": config.id_column}
         plan = _plan_parquet(root, parquet_files, fmt, columns)
     if plan.rows == 0:
         raise InputError(f"input {str(root)!r} has no rows; nothing to prepare")
     return plan
 
 
-def read_input(plan: InputPlan):
-    """A Ray Dataset with one row ``{id, source, image_bytes, caption}`` per input row."""
-    import ray.data
+def _detect_format(root: Path, parquet_files: list[str], config: InputConfig) -> str:
+    """Parquet files -> ``shapeeval`` if they have its columns (and no id column is set), else
+    ``parquet``; images in a folder -> ``image_folder``."""
+    if parquet_files:
+        names = set(pq.read_schema(parquet_files[0]).names)
+        return "shapeeval" if config.id_column is None and names >= set(SHAPEEVAL_COLUMNS) else "parquet"
+    if root.is_dir() and any(_is_image(p) for p in root.rglob("*")):
+        return "image_folder"
+    raise InputError(f"input {str(root)!r} holds no parquet files and no images "
+                     f"({', '.join(sorted(IMAGE_EXTENSIONS))}); nothing to prepare")
 
-    units = ray.data.from_items(plan.units, override_num_blocks=min(len(plan.units), MAX_READ_BLOCKS))
+
+def read_input(plan: InputPlan) -> ray.data.Dataset:
+    """A Ray Dataset with one row ``{id, source, image_bytes, caption}`` per input row."""
+    return ray.data.read_datasource(RawPairsDatasource(plan), num_cpus=READ_TASK_CPUS)
+
+
+class RawPairsDatasource(Datasource):
+    """The planned read units as Ray read tasks. Each task yields blocks of raw rows, so that Ray
+    counts, bundles and balances real rows downstream (not read units)."""
+
+    def __init__(self, plan: InputPlan) -> None:
+        super().__init__()
+        self.plan = plan
+
+    def estimate_inmemory_data_size(self) -> None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        units = self.plan.units
+        groups = np.array_split(np.arange(len(units)), max(1, min(parallelism, len(units))))
+        tasks = []
+        for group in groups:
+            picked = [units[i] for i in group]
+            metadata = BlockMetadata(num_rows=sum(u["rows"] for u in picked), size_bytes=None, exec_stats=None)
+            tasks.append(ReadTask(partial(read_units, self.plan, picked), metadata, schema=RAW_SCHEMA,
+                                  per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+def read_units(plan: InputPlan, units: list[dict[str, Any]]) -> Iterator[pa.Table]:
+    """The raw rows of ``units`` (row groups in chunks of :data:`PARQUET_READ_ROWS`, or image files
+    :data:`IMAGE_FILES_PER_BATCH` at a time)."""
     if plan.format == "image_folder":
-        return units.map_batches(
-            read_image_files, batch_size=IMAGE_FILES_PER_BATCH, fn_kwargs={"root": plan.root}
-        )
-    return units.map_batches(
-        read_parquet_units, batch_size=1, fn_kwargs={"root": plan.root, **{f"{k}_column": v for k, v in plan.columns.items()}}
-    )
+        for start in range(0, len(units), IMAGE_FILES_PER_BATCH):
+            yield read_image_files([unit["file"] for unit in units[start:start + IMAGE_FILES_PER_BATCH]], plan.root)
+    else:
+        for unit in units:
+            yield from read_row_group(unit, plan.root, plan.columns)
 
 
 def _parquet_files(root: Path) -> list[str]:
@@ -99,8 +135,8 @@ def _parquet_files(root: Path) -> list[str]:
     return sorted(str(p) for p in root.rglob("*.parquet") if p.is_file())
 
 
-def _image_files(root: Path) -> list[str]:
-    return sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
 def _plan_parquet(root: Path, files: list[str], fmt: str, columns: dict[str, str | None]) -> InputPlan:
@@ -118,48 +154,50 @@ def _plan_parquet(root: Path, files: list[str], fmt: str, columns: dict[str, str
         for group in range(meta.num_row_groups):
             group_rows = meta.row_group(group).num_rows
             if group_rows:
-                units.append({"file": file, "row_group": group, "first_row": first})
+                units.append({"file": file, "row_group": group, "first_row": first, "rows": group_rows})
             first += group_rows
         rows += first
     return InputPlan(fmt, str(root), units, rows, columns)
 
 
-def _plan_image_folder(root: Path, files: list[str]) -> InputPlan:
+def _plan_image_folder(root: Path) -> InputPlan:
+    files = sorted(str(p) for p in root.rglob("*") if _is_image(p)) if root.is_dir() else []
     if not files:
         raise InputError(f"input {str(root)!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return InputPlan("image_folder", str(root), [{"file": f} for f in files], len(files), {})
+    return InputPlan("image_folder", str(root), [{"file": f, "rows": 1} for f in files], len(files), {})
 
 
-def read_parquet_units(
-    batch: dict[str, np.ndarray], root: str, image_column: str, caption_column: str, id_column: str | None
-) -> Iterator[dict[str, np.ndarray]]:
-    """Ray task: the rows of each planned row group, in chunks of :data:`PARQUET_READ_ROWS`."""
-    for file, group, first in zip(batch["file"], batch["row_group"], batch["first_row"]):
-        file, first = str(file), int(first)
-        prefix = os.path.relpath(file, root) if os.path.isdir(root) else os.path.basename(file)
-        columns = list(dict.fromkeys(c for c in (image_column, caption_column, id_column) if c))
-        reader = pq.ParquetFile(file).iter_batches(PARQUET_READ_ROWS, row_groups=[int(group)], columns=columns)
-        for chunk in reader:
-            rows = range(first, first + chunk.num_rows)
-            first += chunk.num_rows
-            ids = chunk.column(id_column).to_pylist() if id_column else [None] * chunk.num_rows
-            yield {
-                "id": _strings(str(i) if i is not None else f"{prefix}:{r}" for i, r in zip(ids, rows)),
-                "source": _strings(f"{file}#row={r}" for r in rows),
-                "image_bytes": _objects(_image_bytes(v) for v in chunk.column(image_column).to_pylist()),
-                "caption": _objects(c if isinstance(c, str) else None for c in chunk.column(caption_column).to_pylist()),
-            }
+def read_row_group(unit: dict[str, Any], root: str, columns: dict[str, str | None]) -> Iterator[pa.Table]:
+    """The rows of one planned parquet row group, in chunks of :data:`PARQUET_READ_ROWS`."""
+    file, first = unit["file"], unit["first_row"]
+    prefix = os.path.relpath(file, root) if os.path.isdir(root) else os.path.basename(file)
+    image_column, caption_column, id_column = columns["image"], columns["caption"], columns["id"]
+    wanted = list(dict.fromkeys(c for c in (image_column, caption_column, id_column) if c))
+    for chunk in pq.ParquetFile(file).iter_batches(PARQUET_READ_ROWS, row_groups=[unit["row_group"]], columns=wanted):
+        rows = range(first, first + chunk.num_rows)
+        first += chunk.num_rows
+        ids = chunk.column(id_column).to_pylist() if id_column else [None] * chunk.num_rows
+        yield raw_rows(
+            ids=[str(i) if i is not None else f"{prefix}:{r}" for i, r in zip(ids, rows)],
+            sources=[f"{file}#row={r}" for r in rows],
+            images=[_image_bytes(v) for v in chunk.column(image_column).to_pylist()],
+            captions=[c if isinstance(c, str) else None for c in chunk.column(caption_column).to_pylist()],
+        )
 
 
-def read_image_files(batch: dict[str, np.ndarray], root: str) -> dict[str, np.ndarray]:
-    """Ray task: image bytes and the same-name ``.txt`` caption of each file (``None`` if unreadable)."""
-    files = [str(f) for f in batch["file"]]
-    return {
-        "id": _strings(Path(os.path.relpath(f, root)).as_posix() for f in files),
-        "source": _strings(files),
-        "image_bytes": _objects(_read(f, binary=True) for f in files),
-        "caption": _objects(_read(str(Path(f).with_suffix(".txt")), binary=False) for f in files),
-    }
+def read_image_files(files: list[str], root: str) -> pa.Table:
+    """Image bytes and the same-name ``.txt`` caption of each file (``None`` where unreadable)."""
+    return raw_rows(
+        ids=[Path(os.path.relpath(f, root)).as_posix() for f in files],
+        sources=files,
+        images=[_read(f, binary=True) for f in files],
+        captions=[_read(str(Path(f).with_suffix(".txt")), binary=False) for f in files],
+    )
+
+
+def raw_rows(ids: list[str], sources: list[str], images: list[bytes | None], captions: list[str | None]) -> pa.Table:
+    return pa.table([pa.array(ids, pa.string()), pa.array(sources, pa.string()), pa.array(images, pa.binary()),
+                     pa.array(captions, pa.string())], schema=RAW_SCHEMA)
 
 
 def _image_bytes(value: Any) -> bytes | None:
@@ -177,15 +215,3 @@ def _read(path: str, binary: bool) -> bytes | str | None:
             return f.read()
     except (OSError, UnicodeDecodeError):
         return None
-
-
-def _strings(values) -> np.ndarray:
-    return np.array(list(values), dtype=object)
-
-
-def _objects(values) -> np.ndarray:
-    """An object array that keeps ``None`` and bytes as they are (numpy would coerce a list)."""
-    values = list(values)
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
