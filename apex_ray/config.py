@@ -66,6 +66,9 @@ class ObjectiveConfig(_Section):
     apex: APEXConfig = Field(default_factory=APEXConfig)
     flow_matching: FlowMatchingConfig = Field(default_factory=FlowMatchingConfig)
     buffer_size: int = Field(1024, gt=0)  # per-worker FIFO of one-step generations
+    # A fake-sample buffer made by `python -m data_pipelines.fake_buffer`: seeds every worker's FIFO
+    # before step 1, so L_adv has fake data from the first step.
+    seed_buffer: str | None = None
 
 
 class OptimConfig(_Section):

@@ -46,6 +46,9 @@ def preflight(config: Config) -> str:
                          ("model.text_encoder_path", config.model.text_encoder_path)):
         if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
             raise ConfigError(f"{field}: path {value!r} does not exist")
+    if config.objective.seed_buffer and not Path(config.objective.seed_buffer).exists():
+        raise ConfigError(f"objective.seed_buffer: {config.objective.seed_buffer!r} does not exist; "
+                          "make it with `python -m data_pipelines.fake_buffer`")
     if config.data.source == "prepared" and not Path(config.data.path).exists():
         raise ConfigError(f"data.path: prepared dataset {config.data.path!r} does not exist; "
                           "create it with `python -m data_pipelines.prepare_latents`")

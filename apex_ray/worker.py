@@ -33,6 +33,7 @@ from apex_ray.parallel import apply_fsdp, gradient_sync, mixed_precision_dtype, 
 from apex_ray.shapeeval import evaluation_set, score_images
 from apex_ray.tracking import RunLogger
 from data_pipelines.codecs import load_codec
+from data_pipelines.fake_buffer import load_fake_buffer
 from data_pipelines.prepared import read_manifest, to_training_batch
 from apex_ray.training import NonFiniteLossError, StepRunner, build_lr_scheduler, build_objective, build_optimizer
 
@@ -159,6 +160,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     resumed = checkpoint is not None
+    if config.objective.seed_buffer and runner.buffer is not None and not resumed:
+        pushed = load_fake_buffer(config.objective.seed_buffer, runner.buffer)
+        _say(progress, rank, f"fake-sample buffer seeded with {pushed} samples from {config.objective.seed_buffer}")
     if resumed:
         with checkpoint.as_directory() as directory:
             extra = load_checkpoint(directory, state)

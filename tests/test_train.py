@@ -124,7 +124,8 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     "override, field",
     [("optim.lr=-1", "optim.lr"), ("model.backbone=sana-huge", "model.backbone"),
      ("objective.apex.anchor_frac=1.5", "anchor_frac"), ("train.global_batch=7", "global_batch"),
-     ("data.source=prepared", "data.path"), ("optim.lrr=1", "optim.lrr")],
+     ("data.source=prepared", "data.path"), ("optim.lrr=1", "optim.lrr"),
+     ("objective.seed_buffer=/nonexistent/buffer", "objective.seed_buffer")],
 )
 def test_bad_config_fails_before_ray_starts(tmp_path, override, field):
     started = time.perf_counter()
