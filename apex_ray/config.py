@@ -195,8 +195,8 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (optional), apply overrides, validate. Raises :class:`ConfigError`."""
+def read_config_tree(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+    """A YAML file (optional) as a nested dict with ``key.sub=value`` overrides applied."""
     tree: dict[str, Any] = {}
     if path is not None:
         file = Path(path)
@@ -208,6 +208,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         tree = loaded or {}
     for override in overrides:
         apply_override(tree, override)
+    return tree
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (optional), apply overrides, validate. Raises :class:`ConfigError`."""
+    tree = read_config_tree(path, overrides)
     try:
         return Config.model_validate(tree)
     except ValidationError as err:

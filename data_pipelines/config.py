@@ -10,14 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from apex_ray.backbones import BACKBONE_PRESETS, TEXT_ENCODER_PRESETS
-from apex_ray.config import ConfigError, apply_override, format_validation_error
+from apex_ray.config import ConfigError, format_validation_error, read_config_tree
 
 CodecName = Literal["pixel", "autoencoder-kl", "autoencoder-dc", "autoencoder-kl-qwenimage"]
 InputFormat = Literal["auto", "parquet", "image_folder", "shapeeval"]
@@ -141,17 +139,7 @@ def load_prepare_config(path: str | os.PathLike | None = None, overrides: list[s
     """Read a YAML file (optional), apply ``key.sub=value`` overrides (values parsed as YAML), then
     ``settings`` (``{"key.sub": value}``, taken as they are, e.g. paths from CLI flags), validate.
     Raises ConfigError."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {str(file)!r} does not exist")
-        loaded = yaml.safe_load(file.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(file)!r} must hold a mapping at the top level")
-        tree = loaded or {}
-    for override in overrides:
-        apply_override(tree, override)
+    tree = read_config_tree(path, overrides)
     for key, value in (settings or {}).items():
         *sections, field = key.split(".")
         node = tree

@@ -39,13 +39,7 @@ PIPELINES = {"sana-tiny": SanaPipeline, "qwen-image-tiny": QwenImagePipeline}
 LORA = LoRAConfig(rank=4, alpha=8.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads per op are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora_model(preset: str, adapter_seed: int = 1):

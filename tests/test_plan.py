@@ -21,12 +21,7 @@ TOLERANCE = 0.30
 short-lived temporaries; the tiny models, with few layers, show this the most)."""
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def measured_peak(config) -> int:
