@@ -220,13 +220,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         raise ConfigError(format_validation_error(err)) from None
 
 
-def format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, fields_in: str = "apex_ray/config.py") -> str:
     lines = []
     for item in err.errors():
         where = ".".join(str(p) for p in item["loc"]) or "config"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; see apex_ray/config.py for the fields)"
+            message = f"unknown key (check the spelling; see {fields_in} for the fields)"
         got = f" (got {item['input']!r})" if item["type"] != "extra_forbidden" and "input" in item and not isinstance(item["input"], dict) else ""
         lines.append(f"  {where}: {message}{got}")
     return "invalid config:\n" + "\n".join(lines)

@@ -149,8 +149,7 @@ def load_prepare_config(path: str | os.PathLike | None = None, overrides: list[s
     try:
         return PrepareConfig.model_validate(tree)
     except ValidationError as err:
-        # apex_ray's formatter points at the training config's fields; these live here.
-        raise ConfigError(format_validation_error(err).replace("apex_ray/config.py", "data_pipelines/config.py")) from None
+        raise ConfigError(format_validation_error(err, fields_in="data_pipelines/config.py")) from None
 
 
 class FakeBufferConfig(_Section):

@@ -3,7 +3,7 @@
 Each actor loads its model once (``__init__``) and then encodes batches. Only usable rows
 (``reason == ""``) are encoded; a failing batch is retried row by row so that only the rows that
 really fail (or give NaN/inf) become rejects, with the error as their ``detail``. The same
-classes run in a plain loop for the benchmark and the tests.
+classes run in a plain loop in the benchmark.
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ class ImageEncoder:
 
 class CaptionEncoder:
     """Captions -> ``text_embeds [B, L, D]``, ``text_mask [B, L]`` (int8) and ``pooled [B, P]`` if the
-    encoder has one; always padded to ``max_length`` so every row has the same shape."""
+    encoder has one; always padded to ``max_length`` so every row has the same shape. With
+    ``empty_prompt_file`` the actor also writes the embedding of ``""`` there when it starts."""
 
     def __init__(self, preset: str, path: str | None, max_length: int, text_dtype: str, num_gpus: float = 0.0,
                  empty_prompt_file: str | None = None) -> None:
@@ -69,7 +70,8 @@ class CaptionEncoder:
         index = torch.tensor([position[caption] for caption in captions])
         pad = self.max_length - cond.embeds.shape[1]
         if pad < 0:
-            raise RuntimeError(f"text encoder returned {cond.embeds.shape[1]} tokens, more than max_length={self.max_length}")
+            raise RuntimeError(f"text encoder returned {cond.embeds.shape[1]} tokens, "
+                               f"more than max_length={self.max_length}")
         out = {
             "text_embeds": torch.nn.functional.pad(cond.embeds, (0, 0, 0, pad))[index].cpu().numpy().astype(self.dtype),
             "text_mask": torch.nn.functional.pad(cond.mask, (0, pad))[index].cpu().numpy().astype(np.int8),

@@ -35,7 +35,7 @@ from apex_ray.sampler import SamplerConfig, sample
 from data_pipelines.config import FakeBufferConfig
 from data_pipelines.output import WRITE_TASK_CPUS, OutputError, StagedOutput
 from data_pipelines.prepared import (
-    as_tensor, prepared_dataset, read_manifest, read_rows, shard_paths, tensor_columns, to_conditioning,
+    PREPARED_SET, as_tensor, prepared_dataset, read_manifest, read_rows, shard_paths, tensor_columns, to_conditioning,
 )
 from data_pipelines.readers import READ_TASK_CPUS, InputError
 
@@ -52,9 +52,9 @@ class FakeSampler:
         self.model = load_backbone(checkpoint).to(self.device).eval().requires_grad_(False)
         if self.model.latent_channels != latent_shape[0] or self.model.text_embed_dim != text_dim:
             raise ValueError(
-                f"checkpoint {checkpoint} takes {self.model.latent_channels}-channel latents and {self.model.text_embed_dim}-d "
-                f"text embeddings, the prepared set has latents {latent_shape} and {text_dim}-d text: prepare the set "
-                "with the backbone's codec and text encoder"
+                f"checkpoint {checkpoint} takes {self.model.latent_channels}-channel latents and "
+                f"{self.model.text_embed_dim}-d text embeddings, the prepared set has latents {latent_shape} and "
+                f"{text_dim}-d text: prepare the set with the backbone's codec and text encoder"
             )
         self.config = SamplerConfig(steps=steps)
         self.seed = seed
@@ -76,7 +76,7 @@ def make_fake_buffer(config: FakeBufferConfig) -> dict:
     """Run the job (on the current Ray cluster, starting a local one if none); returns the manifest."""
     read_backbone_file(config.checkpoint)  # fails now, with what to do, if not a saved backbone
     source = read_manifest(config.latents)
-    if source.get("kind") != "prepared_set" or not source["rows_written"]:
+    if source.get("kind") != PREPARED_SET or not source["rows_written"]:
         raise InputError(f"{config.latents} is not a prepared set with rows; run data_pipelines.prepare_latents first")
     pooled = source.get("pooled_shape") is not None
     columns = ["id", "caption", "text_embeds", "text_mask"] + (["pooled"] if pooled else [])

@@ -3,8 +3,9 @@ scale so that training never runs a VAE or a text encoder per step.
 
     python -m data_pipelines.prepare_latents --input RAW --output FOLDER [--config job.yaml] [key.sub=value ...]
 
-Ray Data streams: read (tasks) -> decode, validate, resize + centre-crop (tasks) -> image codec
-(actor pool) -> text encoder (actor pool) -> staged shards and rejects (sink). Nothing is lost:
+Ray Data streams: read (tasks) -> decode, validate, resize + centre-crop (tasks; inside the codec
+actors when the codec runs on CPU) -> image codec (actor pool) -> text encoder (actor pool) ->
+staged shards and rejects (sink). Nothing is lost:
 each input row is either written or rejected with its reason, and the manifest records
 ``rows_in = rows_written + rows_rejected`` (checked before it is written). Configuration and
 input are validated before Ray starts; see ``data_pipelines/config.py`` for every field.
@@ -28,7 +29,9 @@ from data_pipelines.config import PrepareConfig, load_prepare_config
 from data_pipelines.decode import decode_rows
 from data_pipelines.encoders import CaptionEncoder, ImageEncoder
 from data_pipelines.output import REJECT_COLUMNS, WRITE_TASK_CPUS, OutputError, StagedOutput, atomic_path
-from data_pipelines.prepared import EMPTY_PROMPT, REJECTS, load_empty_prompt, shard_paths, tensor_columns
+from data_pipelines.prepared import (
+    EMPTY_PROMPT, PREPARED_SET, REJECTS, load_empty_prompt, shard_paths, tensor_columns,
+)
 from data_pipelines.readers import InputError, InputPlan, plan_input, read_input
 
 FORMAT_VERSION = 1
@@ -71,7 +74,8 @@ def commit(out: StagedOutput, results: list[dict]) -> tuple[list[dict], pa.Table
     """Move the shards and the empty prompt into place and merge the staged rejects into
     ``rejects.parquet``; returns the shard list and the rejects."""
     shards, reject_files = out.commit_shards(results)
-    rejects = pa.concat_tables([pq.read_table(f) for f in reject_files]) if reject_files else REJECTS_SCHEMA.empty_table()
+    parts = [pq.read_table(file).cast(REJECTS_SCHEMA) for file in reject_files]
+    rejects = pa.concat_tables(parts or [REJECTS_SCHEMA.empty_table()])
     with atomic_path(out.path / REJECTS) as tmp:
         pq.write_table(rejects, tmp)
     (out.staging / EMPTY_PROMPT).replace(out.path / EMPTY_PROMPT)
@@ -79,8 +83,9 @@ def commit(out: StagedOutput, results: list[dict]) -> tuple[list[dict], pa.Table
 
 
 def build_pipeline(config: PrepareConfig, rows: ray.data.Dataset, empty_prompt_file: str) -> ray.data.Dataset:
-    """raw rows -> decoded pixels (tasks) -> latents (codec actors) -> text embeddings (text actors,
-    which also write the empty prompt's embedding to ``empty_prompt_file``)."""
+    """raw rows -> decoded pixels (tasks, fused into the codec actors on CPU) -> latents (codec
+    actors) -> text embeddings (text actors, which also write the empty prompt's embedding to
+    ``empty_prompt_file``)."""
     codec, text = config.codec, config.text
     decoded = rows.map_batches(
         decode_rows, batch_size=codec.batch_size, num_cpus=config.decode_cpus,
@@ -130,7 +135,7 @@ def build_manifest(config: PrepareConfig, plan: InputPlan, shards: list[dict], r
     by_reason = pc.value_counts(rejects["reason"]).to_pylist() if rejects.num_rows else []
     return {
         "format_version": FORMAT_VERSION,
-        "kind": "prepared_set",
+        "kind": PREPARED_SET,
         "rows_in": plan.rows,
         "rows_written": sum(shard["rows"] for shard in shards),
         "rows_rejected": rejects.num_rows,
@@ -141,7 +146,7 @@ def build_manifest(config: PrepareConfig, plan: InputPlan, shards: list[dict], r
         "text_dtype": config.storage.text_dtype,
         "pooled_shape": None if empty_prompt.pooled is None else list(empty_prompt.pooled.shape[1:]),
         "image_size": config.image.size,
-        "codec": {k: v for k, v in config.codec.model_dump().items() if k in ("name", "path", "subfolder", "dtype")},
+        "codec": config.codec.model_dump(include={"name", "path", "subfolder", "dtype"}),
         "text_encoder": {"preset": config.text.encoder, "path": config.text.path, "max_length": config.text.max_length},
         "backbone": config.backbone,
         "input": {"path": config.input.path, "format": plan.format},
@@ -169,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id-column", help="parquet column of stable row ids (default: <file>:<row>)")
     parser.add_argument("--backbone", help="backbone preset; picks the codec and text encoder (default sana-tiny)")
     parser.add_argument("--image-size", type=int, help="side of the square crop (default 32)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="any config field, e.g. codec.concurrency=4")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="any config field, e.g. codec.concurrency=4")
     args = parser.parse_args(argv)
     flags = {
         "input.path": args.input, "output": args.output, "input.format": args.format,

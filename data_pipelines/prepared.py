@@ -28,6 +28,8 @@ from apex_ray.conditioning import Conditioning
 from apex_ray.training import Batch
 
 MANIFEST = "manifest.json"
+PREPARED_SET = "prepared_set"
+"""The manifest's ``kind`` of a prepared set."""
 EMPTY_PROMPT = "empty_prompt.safetensors"
 REJECTS = "rejects.parquet"
 TRAINING_COLUMNS = ("latent", "text_embeds", "text_mask", "pooled")
@@ -117,7 +119,8 @@ def _is_text(arrow_type: pa.DataType) -> bool:
     return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
 
 
-def load_prepared_arrays(path: str | os.PathLike, limit: int | None = None) -> tuple[torch.Tensor, Conditioning, list[str]]:
+def load_prepared_arrays(path: str | os.PathLike,
+                         limit: int | None = None) -> tuple[torch.Tensor, Conditioning, list[str]]:
     """Latents float32 ``[N, C, H, W]``, their conditioning and captions, without Ray (single-process
     training and tests)."""
     manifest = read_manifest(path)

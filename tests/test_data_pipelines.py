@@ -45,7 +45,8 @@ def png(image: Image.Image) -> bytes:
 
 
 def config_for(input_path, output, *overrides, **settings):
-    return load_prepare_config(None, [*FAST, *overrides], {"input.path": str(input_path), "output": str(output), **settings})
+    settings = {"input.path": str(input_path), "output": str(output), **settings}
+    return load_prepare_config(None, [*FAST, *overrides], settings)
 
 
 def rgba_image() -> Image.Image:
@@ -192,7 +193,8 @@ def test_image_folder_input(tmp_path, ray_cluster):
     manifest = prepare(config_for(folder, output))
     assert (manifest["rows_in"], manifest["rows_written"], manifest["rows_rejected"]) == (7, 5, 2)
     rejects = {r["id"]: r for r in pq.read_table(output / "rejects.parquet").to_pylist()}
-    assert {k: v["reason"] for k, v in rejects.items()} == {"sub/uncaptioned.png": MISSING_CAPTION, "blank.webp": EMPTY_CAPTION}
+    reasons = {row_id: reject["reason"] for row_id, reject in rejects.items()}
+    assert reasons == {"sub/uncaptioned.png": MISSING_CAPTION, "blank.webp": EMPTY_CAPTION}
     assert rejects["blank.webp"]["source"] == str(folder / "blank.webp")
     rows = read_rows(output, ["id", "caption", "latent"])
     by_id = dict(zip(rows["id"], zip(rows["caption"], rows["latent"])))
@@ -278,7 +280,8 @@ def test_vae_codecs_apply_the_pipelines_scaling(tmp_path):
     codec = load_codec("autoencoder-dc", tmp_path / "pipeline")
     with torch.no_grad():
         torch.testing.assert_close(codec.encode(x), dc.encode(x).latent * 0.41)
-        torch.testing.assert_close(codec.decode(codec.encode(x)), dc.decode(dc.encode(x).latent).sample, atol=1e-5, rtol=1e-4)
+        expected = dc.decode(dc.encode(x).latent).sample
+        torch.testing.assert_close(codec.decode(codec.encode(x)), expected, atol=1e-5, rtol=1e-4)
 
     mean, std = [0.1, -0.2, 0.3, 0.0], [1.5, 2.0, 0.5, 1.0]
     qwen = AutoencoderKLQwenImage(base_dim=16, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[],
