@@ -66,7 +66,7 @@ def prepared_dataset(path: str | os.PathLike, columns: list[str] | None = None, 
                          f"see {REJECTS})")
     if columns is None:
         columns = [c for c in TRAINING_COLUMNS if c != "pooled" or manifest.get("pooled_shape")]
-    return ray.data.read_parquet(shard_paths(path, manifest), columns=columns, **read_parquet_args)
+    return ray.data.read_parquet(shard_paths(path, manifest), **read_parquet_args).select_columns(columns)
 
 
 def to_training_batch(batch: Mapping[str, np.ndarray | torch.Tensor]) -> Batch:
