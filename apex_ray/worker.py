@@ -178,8 +178,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     started, start_step = time.perf_counter(), runner.step
     while runner.step < total:
         step = runner.step + 1
-        if (config.debug.crash_worker_at_step == step and rank == world_size - 1 and not resumed):
-            os._exit(1)  # fault drill: this worker process dies mid-run
+        if config.debug.crash_worker_at_step == step and rank == world_size - 1 and not resumed:
+            _crash_once(Path(config.output_dir) / ".crash_drill_done")
         aborted = False
         try:
             metrics = runner.train_step([next(stream) for _ in range(accum)])
@@ -210,6 +210,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
         if aborted:
             return
+
+
+def _crash_once(marker: Path) -> None:
+    """Fault drill: this worker process dies, once per output folder (the marker survives restarts)."""
+    if marker.exists():
+        return
+    marker.touch()
+    time.sleep(2)  # like a real crash, not in the same instant as the last report reaches the controller
+    os._exit(1)
 
 
 def _text_encoder(config: Config, manifest: dict | None):
