@@ -40,7 +40,9 @@ class LoRAConfig(_Section):
 
 class ModelConfig(_Section):
     backbone: str = "sana-tiny"  # see apex_ray.backbones.BACKBONE_PRESETS
-    pretrained: str | None = None  # local path or hub id of the starting (teacher) weights
+    # Starting (teacher) weights: a local path, a hub id, bundled:shapes-teacher (the tiny ShapeEval
+    # teacher shipped in apex_ray/assets, the embedded default) or null for random init.
+    pretrained: str | None = "bundled:shapes-teacher"
     text_encoder: str = "minilm"  # see apex_ray.backbones.TEXT_ENCODER_PRESETS
     text_encoder_path: str | None = None
     max_text_length: int = Field(32, gt=0)
@@ -77,6 +79,8 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     eps: float = Field(1e-8, gt=0)
     warmup_steps: int = Field(0, ge=0)  # linear learning-rate warm-up
+    decay: Literal["constant", "cosine"] = "constant"  # after warm-up; cosine runs to train.steps
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine floor as a share of lr
     grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None disables
 
 
@@ -141,6 +145,21 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "Config":
+        from apex_ray.assets import BUNDLED_MODELS
+
+        pretrained = self.model.pretrained
+        if pretrained and pretrained.startswith("bundled:"):
+            if pretrained not in BUNDLED_MODELS:
+                raise ValueError(f"model.pretrained: unknown bundled model {pretrained!r}; shipped: "
+                                 f"{sorted(BUNDLED_MODELS)}")
+            preset, text_encoder, _ = BUNDLED_MODELS[pretrained]
+            if self.model.text_encoder != text_encoder:
+                raise ValueError(f"model.pretrained={pretrained} was trained with model.text_encoder={text_encoder}, "
+                                 f"not {self.model.text_encoder!r}; keep {text_encoder} or set model.pretrained")
+            if self.model.backbone != preset:
+                raise ValueError(f"model.pretrained={pretrained} is a {preset} model but model.backbone is "
+                                 f"{self.model.backbone!r}; set model.pretrained to a {self.model.backbone} "
+                                 "checkpoint (path or hub id), or model.pretrained=null for random init")
         workers = 1 if self.distributed.strategy == "single" else self.distributed.num_workers
         if self.distributed.strategy == "single" and self.distributed.num_workers != 1:
             raise ValueError("distributed.strategy=single needs distributed.num_workers=1")

@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
+from apex_ray.assets import resolve_pretrained
 from apex_ray.backbones import BACKBONE_PRESETS, VelocityModel, build_backbone, build_text_encoder, load_backbone
 from apex_ray.backbones.base import BACKBONE_FILE
 from apex_ray.evaluation import Decode, Encode, generate, image_grid
@@ -59,7 +60,8 @@ class Prompt:
 
 def load_model(checkpoint: str, backbone: str | None = None, lora: str | None = None) -> VelocityModel:
     """The exported model at ``checkpoint`` (or diffusers weights of preset ``backbone``), with an
-    optional LoRA adapter loaded on top."""
+    optional LoRA adapter loaded on top. ``bundled:shapes-teacher`` names the shipped teacher."""
+    checkpoint = resolve_pretrained(checkpoint)
     if backbone is not None:
         model = build_backbone(backbone, checkpoint)
     elif os.path.isfile(os.path.join(checkpoint, BACKBONE_FILE)):

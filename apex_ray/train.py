@@ -97,8 +97,11 @@ def _print_progress(queue, stop: threading.Event) -> None:
             return
 
 
-def run(config: Config, verbose: bool = False) -> TrainResult:
-    """Train with ``config`` (already validated) and return where everything went."""
+def run(config: Config, verbose: bool = False, callbacks: list | None = None) -> TrainResult:
+    """Train with ``config`` (already validated) and return where everything went.
+
+    ``callbacks`` are Ray Train ``UserCallback``s (the sweeps pass Tune's report callback).
+    """
     tracking_uri = preflight(config)
     output_dir = Path(config.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +144,7 @@ def run(config: Config, verbose: bool = False) -> TrainResult:
             name=run_name, storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config.distributed.max_failures),
+            callbacks=callbacks,
         ),
     )
     print(f"apex-ray: run {run_name!r} | {config.world_size} x {config.distributed.strategy} worker(s) | "

@@ -47,11 +47,25 @@ def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.
                              weight_decay=config.weight_decay)
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from lr / warmup_steps to lr, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-    )
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, decay: str = "constant", total_steps: int = 0,
+    min_lr_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from lr / warmup_steps to lr, then constant or cosine down to min_lr_ratio * lr.
+
+    The cosine tail is for long pretraining runs (the ShapeEval teacher); APEX fine-tunes keep a
+    constant rate as the paper does.
+    """
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if decay == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -141,7 +141,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         apply_fsdp(ema.module, ema.module.blocks(), compute_dtype)
     optimizer = build_optimizer(model, config.optim)
     runner = StepRunner(
-        model, ema, build_objective(config), optimizer, build_lr_scheduler(optimizer, config.optim.warmup_steps),
+        model, ema, build_objective(config), optimizer, build_lr_scheduler(
+            optimizer, config.optim.warmup_steps, config.optim.decay, config.train.steps, config.optim.min_lr_ratio
+        ),
         grad_clip=config.optim.grad_clip, seed=config.train.seed, rank=rank, device=device,
         max_nonfinite_steps=config.train.max_nonfinite_steps, grad_sync=gradient_sync(model),
         autocast_dtype=compute_dtype if config.distributed.strategy != "fsdp" else None,

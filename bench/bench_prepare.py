@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +60,9 @@ def plain_loop(raw: Path, output: Path, batch_size: int, size: int = 32) -> int:
     return written
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
 def main() -> None:
     cpus = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,6 +103,10 @@ def main() -> None:
           + ", ".join(f"{rate:.1f} img/s with {threads} torch thread(s)" for threads, rate in plain_rates.items())
           + "; timings include loading the encoders")
     print(f"prepare: ray {ray_rate:.1f} img/s, plain {plain_rate:.1f} img/s, ratio {ray_rate / plain_rate:.2f}")
+    from result import report
+
+    report("data_prepare_throughput", ray_rate / plain_rate, "Ray Data prepare img/s / plain loop img/s",
+           ray_img_s=round(ray_rate, 1), plain_img_s=round(plain_rate, 1), images=args.n)
 
 if __name__ == "__main__":
     main()

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result import report  # noqa: E402
 
 from apex_ray.backbones import build_backbone
 from apex_ray.config import load_config
@@ -55,6 +60,9 @@ def main() -> None:
     print(f"  APEX:          {apex_time * 1000:8.1f} ms/step  network calls {apex['forward_calls']:.0f}"
           f"  rows {apex['forward_rows']:.0f}  (main+adv with grad, EMA x_t+x_s, delta_d shifted+ref)")
     print(f"  ratio APEX / flow matching step time: {apex_time / fm_time:.2f}x")
+    report("apex_vs_flow_matching_step", apex_time / fm_time, "APEX step time / flow-matching step time",
+           fm_ms=round(fm_time * 1000, 1), apex_ms=round(apex_time * 1000, 1), batch=args.batch,
+           calls={"flow_matching": fm["forward_calls"], "apex": apex["forward_calls"]})
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def measured_peak(config) -> int:
     ("qwen-image-tiny", ["model.lora.enabled=true", "model.lora.rank=8"]),
 ])
 def test_plan_is_within_tolerance_of_a_measured_cpu_step(backbone, options):
-    config = load_config(None, [f"model.backbone={backbone}", "distributed.strategy=single",
+    config = load_config(None, [f"model.backbone={backbone}", "model.pretrained=null", "distributed.strategy=single",
                                 "distributed.num_workers=1", "train.global_batch=6", "model.max_text_length=12",
                                 *options])
     estimate = plan(config).total

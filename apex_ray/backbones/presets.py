@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from apex_ray.assets import resolve_pretrained
 from apex_ray.backbones.base import VelocityModel, read_backbone_file
 from apex_ray.backbones.qwen_image import QWEN_IMAGE_CONFIGS, QwenImageVelocityModel
 from apex_ray.backbones.sana import SANA_CONFIGS, SanaVelocityModel
@@ -71,6 +72,7 @@ def build_backbone(preset: str, pretrained: str | os.PathLike | None = None, **c
     model is meant for (a diffusers config key for SANA, a wrapper setting for Qwen-Image).
     """
     spec = get_backbone_preset(preset)
+    pretrained = resolve_pretrained(pretrained)
     model_class = spec.model_class
     config = {**spec.config, **config_overrides}
     wrapper_kwargs = {key: config.pop(key) for key in model_class.wrapper_keys}
@@ -86,7 +88,8 @@ def build_backbone(preset: str, pretrained: str | os.PathLike | None = None, **c
 
 
 def load_backbone(path: str | os.PathLike) -> VelocityModel:
-    """Load a folder written by :meth:`VelocityModel.save_pretrained`, whichever the family."""
+    """Load a folder written by :meth:`VelocityModel.save_pretrained` (or ``bundled:<name>``)."""
+    path = resolve_pretrained(path)
     family = read_backbone_file(path)["family"]
     if family not in _FAMILIES:
         raise ValueError(f"{path}: unknown backbone family {family!r}; known: {sorted(_FAMILIES)}")

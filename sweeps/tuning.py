@@ -1,0 +1,462 @@
+"""What every ablation sweep shares: trials as Ray Tune trials that each run a TorchTrainer.
+
+A sweep is a list of cells (grid search) or a search space (Optuna), a base :class:`Config`
+and a metric. Each Tune trial is a small driver function (:func:`run_trial`) that builds its
+config and calls :func:`apex_ray.train.run` with Tune's ``TuneReportCallback``: the Train V2
+way to nest Train in Tune. The driver holds no CPU; the Train workers hold theirs, and trial
+concurrency is derived from the cluster's resources so trainers never wait on each other.
+
+MLflow: one parent run per sweep (sweep config, final table as markdown and CSV, heatmap,
+best trial) and one child run per trial (``mlflow.parentRunId``), written by the trial's own
+training run (params, metric curves, NFE-1 sample grid).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from apex_ray.config import Config, ConfigError
+from apex_ray.tracking import RunLogger, check_tracking_server, resolve_tracking_uri
+
+TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid trial: a label, the config keys it sets, and where it sits in the table."""
+
+    label: str
+    overrides: dict[str, Any]
+    row: str = ""
+    column: str = ""
+
+
+@dataclass(frozen=True)
+class SearchRange:
+    """A continuous range for ``--search optuna``: ``key`` is a dotted config path."""
+
+    key: str
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass
+class Sweep:
+    """A whole sweep, validated before any trial starts (see :func:`build_trial_config`)."""
+
+    name: str
+    kind: str  # "condition_shift" | "loss_weights": the table layout
+    base: Config
+    output_dir: Path
+    cells: list[Cell] = field(default_factory=list)  # grid search
+    search: list[SearchRange] = field(default_factory=list)  # optuna
+    num_samples: int = 0  # optuna trial budget
+    nfe: int = 1
+    concurrency: int | None = None
+    scheduler: str = "none"  # none | asha
+    resume: bool = False
+    verbose: bool = False
+    trial_hook: Callable[[dict], dict] | None = None  # tests: alter one trial's config tree
+
+    @property
+    def metric(self) -> str:
+        return f"shapeeval_nfe{self.nfe}/overall"
+
+    @property
+    def directory(self) -> Path:
+        return self.output_dir / self.name
+
+
+@dataclass
+class TrialOutcome:
+    label: str
+    row: str
+    column: str
+    params: dict[str, Any]
+    status: str  # ok | failed | diverged | unfinished
+    scores: dict[str, float]
+    run_id: str | None = None
+    error: str | None = None
+
+    @property
+    def overall(self) -> float:
+        return self.scores.get("overall", float("nan"))
+
+
+class SweepError(RuntimeError):
+    """A sweep cannot start (bad option, existing sweep without --resume, too few resources)."""
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", label).strip("_")
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def build_trial_config(sweep: Sweep, label: str, overrides: dict[str, Any], tracking_uri: str,
+                       parent_run_id: str | None) -> Config:
+    """The trial's full config: base + the cell's keys + where it logs and writes."""
+    tree = sweep.base.model_dump(mode="json")
+    for key, value in overrides.items():
+        _set(tree, key, value)
+    _set(tree, "tracking.tracking_uri", tracking_uri)
+    _set(tree, "tracking.run_name", f"{sweep.name}/{label}")
+    tags = {**tree["tracking"].get("tags", {}), "sweep": sweep.name, "sweep_trial": label}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id  # nests the child under the parent in the UI
+    _set(tree, "tracking.tags", tags)
+    _set(tree, "output_dir", str(sweep.directory / "trials" / slug(label)))
+    if sweep.trial_hook is not None:
+        tree = sweep.trial_hook(tree | {"_label": label})
+        tree.pop("_label", None)
+    try:
+        return Config.model_validate(tree)
+    except Exception as err:  # pydantic's message names the field
+        raise ConfigError(f"trial {label!r}: {err}") from None
+
+
+def trial_resources(config: Config) -> dict[str, float]:
+    """What one trial's Train workers hold (the Tune driver itself holds nothing)."""
+    needs = {"CPU": config.world_size * config.distributed.cpus_per_worker}
+    if config.distributed.use_gpu:
+        needs["GPU"] = float(config.world_size)
+    return needs
+
+
+def derive_concurrency(needs: dict[str, float], available: dict[str, float], requested: int | None) -> int:
+    """How many trials fit side by side: more would leave trainers waiting on each other."""
+    fits = min(int(available.get(name, 0.0) // amount) for name, amount in needs.items() if amount > 0)
+    if fits < 1:
+        raise SweepError(f"one trial needs {needs} but the cluster has {available}; lower "
+                         "distributed.num_workers / cpus_per_worker or add nodes")
+    return fits if requested is None else max(1, min(requested, fits))
+
+
+def evaluation_report_callback(metric: str):
+    """Tune's ``TuneReportCallback``, forwarding only evaluation reports (those carrying ``metric``)
+    and aborts: evaluation steps are the rungs at which ASHA compares trials."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ForwardEvaluations(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            first = metrics[0] if metrics else {}
+            if metric in first or first.get("aborted"):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ForwardEvaluations()
+
+
+def _progress_printer(sweep: Sweep, total: int):
+    """A Tune callback printing one line per finished trial, with the count and the elapsed time."""
+    import time
+
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def setup(self, **info) -> None:  # also on --resume: the clock restarts
+            self.started = time.perf_counter()
+
+        def _say(self, trials, trial, status: str) -> None:
+            done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
+            result = trial.last_result or {}
+            label = (trial.config.get("cell") or {}).get("label") or result.get("trial_label") or trial.trial_id
+            score = result.get(sweep.metric)
+            shown = f" {sweep.metric} {score:.3f}" if status == "ok" and score is not None else ""
+            minutes = (time.perf_counter() - getattr(self, "started", time.perf_counter())) / 60
+            print(f"trial {label}: {status}{shown} [{done}/{total} done, {minutes:.1f} min]", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._say(trials, trial, (trial.last_result or {}).get("trial_status", "ok"))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._say(trials, trial, "failed")
+
+    return Progress()
+
+
+def run_trial(params: dict, sweep: Sweep, tracking_uri: str, parent_run_id: str) -> None:
+    """One Tune trial: a TorchTrainer run of the trial's config (a Train V2 driver function)."""
+    from ray import tune
+
+    from apex_ray.train import run
+
+    cell = params.get("cell")
+    if cell is not None:
+        label, overrides = cell["label"], cell["overrides"]
+    else:  # optuna: params are dotted config keys
+        overrides = dict(params)
+        label = " ".join(f"{key.rsplit('.', 1)[-1]}={value:.4g}" for key, value in sorted(overrides.items()))
+    config = build_trial_config(sweep, label, overrides, tracking_uri, parent_run_id)
+    result = run(config, verbose=sweep.verbose, callbacks=[evaluation_report_callback(sweep.metric)])
+    # The last word: status and child run id, on top of the final evaluation.
+    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    score = final.get(sweep.metric, float("nan"))
+    status = "diverged" if final.get("aborted") or not math.isfinite(score) else "ok"
+    tune.report({**final, sweep.metric: score, "trial_status": status, "mlflow_run_id": result.run_id,
+                 "trial_label": label})
+
+
+def _param_space(sweep: Sweep) -> dict:
+    from ray import tune
+
+    if sweep.search:
+        return {r.key: (tune.loguniform if r.log else tune.uniform)(r.low, r.high) for r in sweep.search}
+    return {"cell": tune.grid_search([{"label": c.label, "overrides": c.overrides} for c in sweep.cells])}
+
+
+def _tune_config(sweep: Sweep, concurrency: int):
+    from ray import tune
+
+    scheduler = search_alg = None
+    if sweep.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="step", max_t=sweep.base.train.steps,
+                                  grace_period=min(sweep.base.train.eval_every, sweep.base.train.steps),
+                                  reduction_factor=2)
+    if sweep.search:
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=sweep.base.train.seed)
+    return tune.TuneConfig(metric=sweep.metric, mode="max", scheduler=scheduler, search_alg=search_alg,
+                           num_samples=sweep.num_samples if sweep.search else 1,
+                           max_concurrent_trials=concurrency,
+                           trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
+
+
+def validate(sweep: Sweep) -> tuple[str, list[Config]]:
+    """Everything that can fail before a trial starts. Returns the tracking URI and trial configs."""
+    if not sweep.cells and not sweep.search:
+        raise SweepError("the sweep has no trials")
+    if sweep.search and sweep.num_samples < 1:
+        raise SweepError("--search optuna needs --trials N (N >= 1)")
+    if sweep.scheduler not in ("none", "asha"):
+        raise SweepError(f"--scheduler: unknown {sweep.scheduler!r}; use none or asha")
+    if sweep.nfe not in sweep.base.eval.score_nfe:
+        raise SweepError(f"the sweep scores NFE {sweep.nfe} but eval.score_nfe is {sweep.base.eval.score_nfe}")
+    for r in sweep.search:
+        if not r.low < r.high:
+            raise SweepError(f"search range for {r.key}: low {r.low} must be below high {r.high}")
+        if r.log and r.low <= 0:
+            raise SweepError(f"search range for {r.key}: a log range needs low > 0")
+    state = sweep.directory / "tune"
+    if state.exists() and not sweep.resume:
+        raise SweepError(f"sweep {sweep.name!r} already exists in {sweep.directory}; pass --resume to "
+                         "finish it, or --name NEW to start another")
+    if sweep.resume and not state.exists():
+        raise SweepError(f"--resume: no sweep {sweep.name!r} in {sweep.directory}")
+    from apex_ray.train import preflight
+
+    uri = resolve_tracking_uri(sweep.base.tracking.tracking_uri, sweep.directory)
+    check_tracking_server(uri)
+    cells = sweep.cells or [Cell("probe", {r.key: r.low for r in sweep.search})]
+    configs = [build_trial_config(sweep, c.label, c.overrides, uri, None) for c in cells]
+    for config in configs[:1]:
+        preflight(config)  # presets, paths, tracking (all trials share these)
+    return uri, configs
+
+
+def run_sweep(sweep: Sweep) -> list[TrialOutcome]:
+    """Run (or resume) the sweep; log the parent run; return one outcome per trial."""
+    import ray
+    from ray import tune
+
+    from apex_ray.train import _start_ray
+
+    uri, configs = validate(sweep)
+    sweep.directory.mkdir(parents=True, exist_ok=True)
+    parent = RunLogger.find(uri, sweep.base.tracking.experiment, sweep.name) if sweep.resume else None
+    if parent is None:
+        params = {"sweep": sweep.kind, "metric": sweep.metric, "trials": len(sweep.cells) or sweep.num_samples,
+                  "scheduler": sweep.scheduler, "search": "optuna" if sweep.search else "grid",
+                  **{f"base.{k}": v for k, v in sweep.base.to_flat_dict().items()}}
+        parent = RunLogger.create(uri, sweep.base.tracking.experiment, sweep.name,
+                                  {"sweep": sweep.kind, "role": "sweep-parent"}, params)
+    _start_ray(sweep.verbose, configs[0].world_size, configs[0].distributed.cpus_per_worker)
+    needs = trial_resources(configs[0])
+    concurrency = derive_concurrency(needs, ray.cluster_resources(), sweep.concurrency)
+    print(f"apex-ray sweep {sweep.name!r}: {len(sweep.cells) or sweep.num_samples} trials, "
+          f"{concurrency} at a time ({needs} each), scoring {sweep.metric}", flush=True)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep=sweep, tracking_uri=uri, parent_run_id=parent.run_id),
+        {"CPU": 0, "memory": 64 * 1024**2},  # the driver only waits; it must not hold a CPU a worker needs
+    )
+    state = sweep.directory / "tune"
+    progress = _progress_printer(sweep, len(sweep.cells) or sweep.num_samples)
+    try:
+        if sweep.resume:
+            tuner = tune.Tuner.restore(str(state), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            tuner = tune.Tuner(trainable, param_space=_param_space(sweep), tune_config=_tune_config(sweep, concurrency),
+                               run_config=tune.RunConfig(name="tune", storage_path=str(sweep.directory),
+                                                         verbose=1 if sweep.verbose else 0, callbacks=[progress]))
+        tuner.fit()
+    except BaseException:
+        parent.finish("KILLED")
+        raise
+    from ray.tune import ExperimentAnalysis
+
+    outcomes = [_outcome(trial, sweep) for trial in ExperimentAnalysis(str(state)).trials]
+    # An interrupted sweep may not have created every trial yet: those are unfinished too.
+    seen = {o.label for o in outcomes}
+    outcomes += [TrialOutcome(c.label, c.row, c.column, c.overrides, "unfinished", {})
+                 for c in sweep.cells if c.label not in seen]
+    outcomes += [TrialOutcome(f"trial {i + 1}", "", "", {}, "unfinished", {})
+                 for i in range(len(outcomes), sweep.num_samples if sweep.search else 0)]
+    order = {c.label: i for i, c in enumerate(sweep.cells)}
+    outcomes.sort(key=lambda o: order.get(o.label, len(order)))
+    _log_parent(parent, sweep, outcomes)
+    return outcomes
+
+
+def _outcome(trial, sweep: Sweep) -> TrialOutcome:
+    """A Tune trial as a table entry: ok | diverged | failed | unfinished (interrupted)."""
+    params = trial.config or {}
+    cell = params.get("cell")
+    metrics = trial.last_result or {}
+    label = cell["label"] if cell else metrics.get("trial_label") or trial.trial_id
+    coords = {c.label: c for c in sweep.cells}.get(label, Cell(label, {}))
+    scores = {task: float(metrics[f"shapeeval_nfe{sweep.nfe}/{task}"]) for task in TASKS
+              if f"shapeeval_nfe{sweep.nfe}/{task}" in metrics}
+    error = None
+    if trial.status == "ERROR":
+        status = "failed"
+        error = (trial.get_error() and str(trial.get_error()).strip().splitlines()[-1][:300]) or None
+    elif trial.status == "TERMINATED":
+        # ASHA-stopped trials end without the driver's last word: their last evaluation stands.
+        status = metrics.get("trial_status") or ("ok" if scores else "failed")
+    else:
+        status = "unfinished"
+    flat = cell["overrides"] if cell else dict(params)
+    return TrialOutcome(label, coords.row, coords.column, flat, status, scores, metrics.get("mlflow_run_id"), error)
+
+
+def cell_text(outcome: TrialOutcome | None) -> str:
+    if outcome is None:
+        return "—"
+    if outcome.status != "ok":
+        return outcome.status
+    return f"{outcome.overall:.3f}"
+
+
+def grid_table(outcomes: list[TrialOutcome], rows: list[str], columns: list[str], corner: str) -> str:
+    """Markdown in the paper's layout: one row per ``row``, one column per ``column``."""
+    by_place = {(o.row, o.column): o for o in outcomes}
+    lines = [f"| {corner} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in rows:
+        lines.append(f"| {row} | " + " | ".join(cell_text(by_place.get((row, c))) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def trials_csv(outcomes: list[TrialOutcome]) -> str:
+    out = io.StringIO()
+    keys = sorted({k for o in outcomes for k in o.params})
+    writer = csv.writer(out)
+    writer.writerow(["label", *keys, "status", *TASKS, "mlflow_run_id", "error"])
+    for o in outcomes:
+        writer.writerow([o.label, *(o.params.get(k, "") for k in keys), o.status,
+                         *(f"{o.scores[t]:.4f}" if t in o.scores else "" for t in TASKS), o.run_id or "",
+                         o.error or ""])
+    return out.getvalue()
+
+
+def per_task_table(outcomes: list[TrialOutcome]) -> str:
+    lines = ["| trial | status | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 2) + "|"]
+    for o in outcomes:
+        cells = [f"{o.scores[t]:.3f}" if t in o.scores else "—" for t in TASKS]
+        lines.append(f"| {o.label} | {o.status} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def heatmap(outcomes: list[TrialOutcome], rows: list[str], columns: list[str], title: str, xlabel: str,
+            ylabel: str):
+    """A PIL image of the grid (failed/diverged cells hatched grey)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    by_place = {(o.row, o.column): o for o in outcomes}
+    values = np.full((len(rows), len(columns)), np.nan)
+    for i, row in enumerate(rows):
+        for j, col in enumerate(columns):
+            o = by_place.get((row, col))
+            if o is not None and o.status == "ok":
+                values[i, j] = o.overall
+    fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 2, 0.8 * len(rows) + 1.5), dpi=100)
+    ax.set_facecolor("#cccccc")
+    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=max(1e-6, float(np.nanmax(values))) if np.isfinite(values).any() else 1)
+    for i, row in enumerate(rows):
+        for j, col in enumerate(columns):
+            ax.text(j, i, cell_text(by_place.get((row, col))), ha="center", va="center",
+                    color="white" if np.isfinite(values[i, j]) else "black", fontsize=9)
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def layout(sweep: Sweep) -> tuple[list[str], list[str]]:
+    rows = list(dict.fromkeys(c.row for c in sweep.cells))
+    columns = list(dict.fromkeys(c.column for c in sweep.cells))
+    return rows, columns
+
+
+def render(sweep: Sweep, outcomes: list[TrialOutcome]) -> str:
+    """The table printed and logged: paper layout for grids, a ranked list for Optuna."""
+    if sweep.cells:
+        rows, columns = layout(sweep)
+        corner = {"condition_shift": "a \\ b", "loss_weights": "λp : λe"}.get(sweep.kind, "")
+        main = grid_table(outcomes, rows, columns, corner)
+    else:
+        ranked = sorted(outcomes, key=lambda o: -o.overall if o.status == "ok" else math.inf)
+        main = per_task_table(ranked)
+    title = f"ShapeEval Overall at NFE {sweep.nfe} ({sweep.base.train.steps} steps per trial)"
+    return f"{title}\n\n{main}\n\nPer task:\n\n{per_task_table(outcomes)}\n"
+
+
+def _log_parent(parent: RunLogger, sweep: Sweep, outcomes: list[TrialOutcome]) -> None:
+    text = render(sweep, outcomes)
+    parent.log_text(text, "table.md")
+    parent.log_text(trials_csv(outcomes), "table.csv")
+    if sweep.cells:
+        rows, columns = layout(sweep)
+        labels = {"condition_shift": ("b", "a"), "loss_weights": ("", "λp : λe")}.get(sweep.kind, ("", ""))
+        parent.log_image(heatmap(outcomes, rows, columns, f"{sweep.name}: Overall @ NFE {sweep.nfe}", *labels),
+                         "heatmap.png")
+    done = [o for o in outcomes if o.status == "ok"]
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("ok", "failed", "diverged")}
+    parent.log_metrics({f"trials_{k}": v for k, v in counts.items()}, 0)
+    if done:
+        best = max(done, key=lambda o: o.overall)
+        parent.log_metrics({"best_overall": best.overall}, 0)
+        parent.set_tags({"best_trial": best.label, "best_run_id": best.run_id or ""})
+    if any(o.status == "unfinished" for o in outcomes):
+        parent.finish("KILLED")  # interrupted: `--resume` reopens this run
+    else:
+        parent.finish("FINISHED" if counts["ok"] else "FAILED")

@@ -1,0 +1,213 @@
+"""Ray Tune sweeps (sweeps/): layout and option checks, then real sweeps on the shared local cluster."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sweeps import condition_shift, loss_weights
+from sweeps.tuning import Cell, SweepError, TrialOutcome, derive_concurrency, grid_table, run_sweep
+
+REPO = Path(__file__).resolve().parent.parent
+# A trial in seconds: the bundled teacher, 3 APEX steps on 64 in-memory pairs, 1 image per prompt.
+FAST = ["--steps", "3", "--concurrency", "2", "--images-per-prompt", "1", "data.source=inline-shapeeval",
+        "data.num_samples=64", "train.global_batch=8", "objective.buffer_size=64"]
+
+
+def test_condition_shift_cells_follow_the_paper_grid():
+    cells = condition_shift.cells(condition_shift.PAPER_A, condition_shift.PAPER_B)
+    assert len(cells) == 12
+    assert cells[0].overrides == {"objective.apex.shift_a": -1.0, "objective.apex.shift_b": 0.0}
+    assert [c.column for c in cells[:4]] == ["0.0", "0.1", "1.0", "10.0"]
+    assert [c.row for c in cells[::4]] == ["-1.0", "-0.5", "0.5"]
+
+
+def test_loss_weight_rows_include_both_single_loss_rows():
+    cells = loss_weights.cells(loss_weights.PAPER_RATIOS)
+    assert [c.row for c in cells] == ["1.0 : 0.0 (Path Only)", "0.0 : 1.0 (Endpoint Only)", "1.0 : 0.5",
+                                      "1.0 : 1.0 (default)", "1.0 : 2.0"]
+    assert cells[1].overrides == {"objective.apex.lambda_path": 0.0, "objective.apex.lambda_endpoint": 1.0}
+
+
+def test_grid_table_places_scores_and_marks_failures():
+    outcomes = [TrialOutcome("x", "-1.0", "0.1", {}, "ok", {"overall": 0.5}),
+                TrialOutcome("y", "-1.0", "1.0", {}, "failed", {}),
+                TrialOutcome("z", "0.5", "0.1", {}, "diverged", {})]
+    table = grid_table(outcomes, ["-1.0", "0.5"], ["0.1", "1.0"], "a \\ b").splitlines()
+    assert table[0] == "| a \\ b | 0.1 | 1.0 |"
+    assert table[2] == "| -1.0 | 0.500 | failed |"
+    assert table[3] == "| 0.5 | diverged | — |"
+
+
+def test_concurrency_is_what_the_cluster_fits():
+    assert derive_concurrency({"CPU": 2.0}, {"CPU": 8.0}, None) == 4
+    assert derive_concurrency({"CPU": 2.0}, {"CPU": 8.0}, 3) == 3
+    assert derive_concurrency({"CPU": 2.0}, {"CPU": 8.0}, 10) == 4  # never more than fits: no deadlock
+    assert derive_concurrency({"CPU": 1.0, "GPU": 2.0}, {"CPU": 16.0, "GPU": 4.0}, None) == 2
+    with pytest.raises(SweepError, match="one trial needs"):
+        derive_concurrency({"CPU": 4.0}, {"CPU": 2.0}, None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--search", "optuna"], "--trials N"),
+    (["--search", "optuna", "--trials", "2", "--a-range=1,-1"], "must be below"),
+    (["optim.lr=-1"], "optim.lr"),
+    (["--backbone", "sana-600m"], "model.pretrained"),
+])
+def test_bad_options_fail_before_any_trial(tmp_path, capsys, argv, message):
+    code = condition_shift.main(["--output-dir", str(tmp_path), *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "condition-shift" / "tune").exists()
+
+
+def test_existing_sweep_needs_resume(tmp_path, capsys):
+    (tmp_path / "loss-weights" / "tune").mkdir(parents=True)
+    assert loss_weights.main(["--output-dir", str(tmp_path)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert loss_weights.main(["--output-dir", str(tmp_path), "--name", "other", "--resume"]) == 2
+    assert "no sweep 'other'" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite store and proxied artifacts."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        process.kill()
+        pytest.fail("mlflow server did not come up in 120 s")
+    yield uri
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # the server's workers can linger after SIGTERM
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def _rest(uri: str, endpoint: str, payload: dict | None = None) -> dict:
+    url = f"{uri}/api/2.0/mlflow/{endpoint}"
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_2x2_grid_over_http_mlflow(ray_cluster, tmp_path, capsys, mlflow_server):
+    code = condition_shift.main(["--a=-0.5,0.5", "--b=0.1,1", "--output-dir", str(tmp_path), "--name", "grid",
+                                 *FAST, f"tracking.tracking_uri={mlflow_server}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    lines = out.splitlines()
+    header = lines.index("| a \\ b | 0.1 | 1.0 |")
+    for offset, a in ((2, "-0.5"), (3, "0.5")):
+        cells = [c.strip() for c in lines[header + offset].strip("|").split("|")]
+        assert cells[0] == a
+        assert all(0.0 <= float(v) <= 1.0 for v in cells[1:]), lines[header + offset]
+
+    # Read back through the server's REST API: one parent, four children nested under it.
+    experiment = _rest(mlflow_server, "experiments/get-by-name?experiment_name=apex-ray")["experiment"]
+    runs = _rest(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                                "max_results": 100})["runs"]
+    by_name = {r["info"]["run_name"]: r for r in runs}
+    parent = by_name["grid"]
+    assert parent["info"]["status"] == "FINISHED"
+    children = [r for r in runs if any(t["key"] == "mlflow.parentRunId" and t["value"] == parent["info"]["run_id"]
+                                       for t in r["data"].get("tags", []))]
+    assert sorted(r["info"]["run_name"] for r in children) == [
+        "grid/a=-0.5 b=0.1", "grid/a=-0.5 b=1.0", "grid/a=0.5 b=0.1", "grid/a=0.5 b=1.0"]
+    for child in children:
+        metrics = {m["key"]: m["value"] for m in child["data"]["metrics"]}
+        assert 0.0 <= metrics["shapeeval_nfe1/overall"] <= 1.0 and "loss" in metrics
+        params = {p["key"]: p["value"] for p in child["data"]["params"]}
+        assert params["train.steps"] == "3"
+    parent_metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert parent_metrics["trials_ok"] == 4.0
+    artifacts = _rest(mlflow_server, f"artifacts/list?run_id={parent['info']['run_id']}")["files"]
+    assert {"table.md", "table.csv", "heatmap.png"} <= {a["path"] for a in artifacts}
+
+
+@pytest.mark.slow
+def test_failing_trial_is_marked_and_the_sweep_finishes(ray_cluster, tmp_path):
+    def break_one(tree: dict) -> dict:
+        if tree["_label"] == "lp=1 le=0":
+            tree["debug"]["crash_worker_at_step"] = 1
+            tree["distributed"]["max_failures"] = 0
+        return tree
+
+    sweep = loss_weights.build(loss_weights.arguments().parse_args(
+        ["--ratios", "1:0,1:1", "--name", "fail", "--output-dir", str(tmp_path), *FAST]))
+    sweep.trial_hook = break_one
+    outcomes = {o.label: o for o in run_sweep(sweep)}
+    assert outcomes["lp=1 le=0"].status == "failed" and outcomes["lp=1 le=0"].error
+    assert outcomes["lp=1 le=1"].status == "ok" and 0.0 <= outcomes["lp=1 le=1"].overall <= 1.0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'fail' / 'mlflow.db'}")
+    parent = client.search_runs([client.get_experiment_by_name("apex-ray").experiment_id],
+                                "attributes.run_name = 'fail'")[0]
+    assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_ok"] == 1
+    table = client.download_artifacts(parent.info.run_id, "table.md", str(tmp_path))
+    assert "| 1.0 : 0.0 (Path Only) | failed |" in Path(table).read_text()
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
+    argv = ["--ratios", "1:0,1:1", "--output-dir", str(tmp_path), *FAST, "--concurrency", "1"]
+    process = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "loss_weights.py"), *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                               env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, start_new_session=True)
+    seen = []
+    for line in process.stdout:  # wait for the first trial to finish, then Ctrl+C the sweep
+        seen.append(line)
+        if "[1/2 done" in line:
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    rest, _ = process.communicate(timeout=300)
+    log = "".join(seen) + rest
+    assert process.returncode == 130, log
+    assert "--resume" in log
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'loss-weights' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("apex-ray").experiment_id
+    first = client.search_runs([experiment], "attributes.run_name = 'loss-weights/lp=1 le=0'")
+    assert len(first) == 1 and first[0].info.status == "FINISHED"
+
+    outcomes = {o.label: o for o in run_sweep(loss_weights.build(loss_weights.arguments().parse_args(
+        [*argv, "--resume"])))}
+    assert set(outcomes) == {"lp=1 le=0", "lp=1 le=1"}
+    assert all(o.status == "ok" for o in outcomes.values())
+    again = client.search_runs([experiment], "attributes.run_name = 'loss-weights/lp=1 le=0'")
+    assert len(again) == 1 and again[0].info.start_time == first[0].info.start_time  # not rerun
+    assert client.search_runs([experiment], "attributes.run_name = 'loss-weights'")[0].info.status == "FINISHED"
