@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from apex_ray.backbones import build_text_encoder, load_backbone
 from apex_ray.evaluation import shapeeval_scores
 from apex_ray.sampler import SamplerConfig

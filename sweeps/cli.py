@@ -36,7 +36,8 @@ def parser(prog: str, description: str, default_name: str) -> argparse.ArgumentP
                                     "bundled ShapeEval teacher)")
     p.add_argument("--steps", type=int, default=300, help="optimiser steps per trial (default 300)")
     p.add_argument("--backbone", help="backbone preset of every trial (default: the config's)")
-    p.add_argument("--nfe", type=int, default=1, help="score ShapeEval at this NFE (default 1)")
+    p.add_argument("--nfe", type=int, default=1, help="score ShapeEval at this NFE (default 1): the table")
+    p.add_argument("--also-nfe", type=int, nargs="*", default=[], help="also score these NFEs (extra columns)")
     p.add_argument("--images-per-prompt", type=int, default=2, help="ShapeEval images per prompt (default 2)")
     p.add_argument("--workers-per-trial", type=int, default=1,
                    help="Train workers per trial (default 1: trials run side by side instead)")
@@ -67,7 +68,7 @@ def base_config(args: argparse.Namespace, extra: tuple[str, ...] = ()):
     eval_every = max(1, args.steps // 4)
     preset = [
         f"train.steps={args.steps}", f"train.eval_every={eval_every}", f"train.checkpoint_every={eval_every}",
-        f"train.log_every={max(1, min(10, args.steps // 10))}", f"eval.score_nfe=[{args.nfe}]",
+        f"train.log_every={max(1, min(10, args.steps // 10))}", f"eval.score_nfe=[{','.join(str(n) for n in sorted({args.nfe, *args.also_nfe}))}]",
         f"eval.grid_nfe=[{args.nfe}]", f"eval.images_per_prompt={args.images_per_prompt}",
         f"distributed.num_workers={args.workers_per_trial}",
     ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +64,9 @@ class Sweep:
     verbose: bool = False
     trial_hook: Callable[[dict], dict] | None = None  # tests: alter one trial's config tree
 
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir).expanduser().resolve()  # Tune needs an absolute path
+
     @property
     def metric(self) -> str:
         return f"shapeeval_nfe{self.nfe}/overall"
@@ -84,6 +86,7 @@ class TrialOutcome:
     scores: dict[str, float]
     run_id: str | None = None
     error: str | None = None
+    overall_at: dict[int, float] = field(default_factory=dict)  # Overall at the other scored NFEs
 
     @property
     def overall(self) -> float:
@@ -333,6 +336,8 @@ def _outcome(trial, sweep: Sweep) -> TrialOutcome:
     coords = {c.label: c for c in sweep.cells}.get(label, Cell(label, {}))
     scores = {task: float(metrics[f"shapeeval_nfe{sweep.nfe}/{task}"]) for task in TASKS
               if f"shapeeval_nfe{sweep.nfe}/{task}" in metrics}
+    overall_at = {n: float(metrics[f"shapeeval_nfe{n}/overall"]) for n in sweep.base.eval.score_nfe
+                  if n != sweep.nfe and f"shapeeval_nfe{n}/overall" in metrics}
     error = None
     if trial.status == "ERROR":
         status = "failed"
@@ -343,7 +348,8 @@ def _outcome(trial, sweep: Sweep) -> TrialOutcome:
     else:
         status = "unfinished"
     flat = cell["overrides"] if cell else dict(params)
-    return TrialOutcome(label, coords.row, coords.column, flat, status, scores, metrics.get("mlflow_run_id"), error)
+    return TrialOutcome(label, coords.row, coords.column, flat, status, scores, metrics.get("mlflow_run_id"), error,
+                        overall_at)
 
 
 def cell_text(outcome: TrialOutcome | None) -> str:
@@ -367,18 +373,24 @@ def trials_csv(outcomes: list[TrialOutcome]) -> str:
     out = io.StringIO()
     keys = sorted({k for o in outcomes for k in o.params})
     writer = csv.writer(out)
-    writer.writerow(["label", *keys, "status", *TASKS, "mlflow_run_id", "error"])
+    others = sorted({n for o in outcomes for n in o.overall_at})
+    writer.writerow(["label", *keys, "status", *TASKS, *(f"overall_nfe{n}" for n in others), "mlflow_run_id",
+                     "error"])
     for o in outcomes:
         writer.writerow([o.label, *(o.params.get(k, "") for k in keys), o.status,
-                         *(f"{o.scores[t]:.4f}" if t in o.scores else "" for t in TASKS), o.run_id or "",
-                         o.error or ""])
+                         *(f"{o.scores[t]:.4f}" if t in o.scores else "" for t in TASKS),
+                         *(f"{o.overall_at[n]:.4f}" if n in o.overall_at else "" for n in others),
+                         o.run_id or "", o.error or ""])
     return out.getvalue()
 
 
 def per_task_table(outcomes: list[TrialOutcome]) -> str:
-    lines = ["| trial | status | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 2) + "|"]
+    others = sorted({n for o in outcomes for n in o.overall_at})
+    head = [*TASKS, *(f"overall NFE {n}" for n in others)]
+    lines = ["| trial | status | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
     for o in outcomes:
         cells = [f"{o.scores[t]:.3f}" if t in o.scores else "—" for t in TASKS]
+        cells += [f"{o.overall_at[n]:.3f}" if n in o.overall_at else "—" for n in others]
         lines.append(f"| {o.label} | {o.status} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sweeps import condition_shift, loss_weights
-from sweeps.tuning import Cell, SweepError, TrialOutcome, derive_concurrency, grid_table, run_sweep
+from sweeps.tuning import SweepError, TrialOutcome, derive_concurrency, grid_table, run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 # A trial in seconds: the bundled teacher, 3 APEX steps on 64 in-memory pairs, 1 image per prompt.
@@ -211,3 +211,13 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     again = client.search_runs([experiment], "attributes.run_name = 'loss-weights/lp=1 le=0'")
     assert len(again) == 1 and again[0].info.start_time == first[0].info.start_time  # not rerun
     assert client.search_runs([experiment], "attributes.run_name = 'loss-weights'")[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_optuna_search_with_asha_runs_its_trial_budget(ray_cluster, tmp_path, capsys):
+    code = condition_shift.main(["--search", "optuna", "--trials", "2", "--scheduler", "asha", "--name", "opt",
+                                 "--output-dir", str(tmp_path), *FAST, "--steps", "4"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = [line for line in out.splitlines() if line.startswith("| shift_a=")]
+    assert len(rows) >= 2 and all("| ok |" in row for row in rows), out  # ranked table + per-task table
