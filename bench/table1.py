@@ -61,7 +61,7 @@ def evaluate_row(name, model, encoder, nfe, sampler, images_per_prompt, repeats,
         grids.mkdir(parents=True, exist_ok=True)
         pick = torch.arange(0, len(images), max(1, len(images) // 32))[:32]
         image_grid(images[pick], columns=8).save(grids / f"{name.lower().replace(' ', '_')}_nfe{nfe}.png")
-    return {"model": name, "nfe": nfe, "sampler": sampler, **scores, "latency_s": latency,
+    return {"model": name, "nfe": sampler.nfe, "sampler": sampler, **scores, "latency_s": latency,
             "throughput": throughput, "params": sum(p.numel() for p in model.parameters())}
 
 

@@ -175,7 +175,8 @@ def _progress_printer(sweep: Sweep, total: int):
         def _say(self, trials, trial, status: str) -> None:
             done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
             result = trial.last_result or {}
-            label = (trial.config.get("cell") or {}).get("label") or result.get("trial_label") or trial.trial_id
+            cell = trial.config.get("cell")
+            label = cell["label"] if cell else search_label(trial.config)
             score = result.get(sweep.metric)
             shown = f" {sweep.metric} {score:.3f}" if status == "ok" and score is not None else ""
             minutes = (time.perf_counter() - getattr(self, "started", time.perf_counter())) / 60
@@ -190,6 +191,11 @@ def _progress_printer(sweep: Sweep, total: int):
     return Progress()
 
 
+def search_label(params: dict) -> str:
+    """A searched trial's name: its sampled values, e.g. ``shift_a=-0.4 shift_b=0.8``."""
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={value:.4g}" for key, value in sorted(params.items()))
+
+
 def run_trial(params: dict, sweep: Sweep, tracking_uri: str, parent_run_id: str) -> None:
     """One Tune trial: a TorchTrainer run of the trial's config (a Train V2 driver function)."""
     from ray import tune
@@ -200,8 +206,7 @@ def run_trial(params: dict, sweep: Sweep, tracking_uri: str, parent_run_id: str)
     if cell is not None:
         label, overrides = cell["label"], cell["overrides"]
     else:  # optuna: params are dotted config keys
-        overrides = dict(params)
-        label = " ".join(f"{key.rsplit('.', 1)[-1]}={value:.4g}" for key, value in sorted(overrides.items()))
+        overrides, label = dict(params), search_label(params)
     config = build_trial_config(sweep, label, overrides, tracking_uri, parent_run_id)
     result = run(config, verbose=sweep.verbose, callbacks=[evaluation_report_callback(sweep.metric)])
     # The last word: status and child run id, on top of the final evaluation.
@@ -332,7 +337,7 @@ def _outcome(trial, sweep: Sweep) -> TrialOutcome:
     params = trial.config or {}
     cell = params.get("cell")
     metrics = trial.last_result or {}
-    label = cell["label"] if cell else metrics.get("trial_label") or trial.trial_id
+    label = cell["label"] if cell else search_label(params) if params else trial.trial_id
     coords = {c.label: c for c in sweep.cells}.get(label, Cell(label, {}))
     scores = {task: float(metrics[f"shapeeval_nfe{sweep.nfe}/{task}"]) for task in TASKS
               if f"shapeeval_nfe{sweep.nfe}/{task}" in metrics}
