@@ -1,4 +1,7 @@
-"""Ray Tune sweeps (sweeps/): layout and option checks, then real sweeps on the shared local cluster."""
+"""Ray Tune sweeps (sweeps/): layout and option checks, then real sweeps on the shared local cluster.
+
+Named to run after test_train: the Ray Data streaming tests there should not share the cluster
+with whatever Tune left behind (seen once: a Ray Data read stalled after the sweep tests)."""
 from __future__ import annotations
 
 import json
