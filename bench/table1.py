@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -60,7 +61,8 @@ def evaluate_row(name, model, encoder, nfe, sampler, images_per_prompt, repeats,
     if grids is not None:
         grids.mkdir(parents=True, exist_ok=True)
         pick = torch.arange(0, len(images), max(1, len(images) // 32))[:32]
-        image_grid(images[pick], columns=8).save(grids / f"{name.lower().replace(' ', '_')}_nfe{nfe}.png")
+        stem = re.sub(r"[^a-z0-9]+", "_", name.lower().split("(")[0]).strip("_")  # "Teacher (FM)" -> teacher
+        image_grid(images[pick], columns=8).save(grids / f"{stem}_nfe{nfe}.png")
     return {"model": name, "nfe": sampler.nfe, "sampler": sampler, **scores, "latency_s": latency,
             "throughput": throughput, "params": sum(p.numel() for p in model.parameters())}
 
