@@ -9,30 +9,22 @@ Prints the NFE-1 / NFE-50 latency speed-up (the paper's headline: one call inste
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from result import report  # noqa: E402
+from table1 import time_sampler  # noqa: E402
 
 from apex_ray.backbones import build_text_encoder, load_backbone  # noqa: E402
-from apex_ray.sampler import SamplerConfig, sample  # noqa: E402
+from apex_ray.sampler import SamplerConfig  # noqa: E402
 
 
 def median_seconds(model, cond, shape, nfe: int, repeats: int) -> float:
-    config = SamplerConfig(steps=nfe)
     with torch.no_grad():
-        sample(model, cond, shape, config, generator=torch.Generator().manual_seed(0))  # warm-up
-        times = []
-        for i in range(repeats):
-            started = time.perf_counter()
-            sample(model, cond, shape, config, generator=torch.Generator().manual_seed(i))
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        return time_sampler(model, cond, shape, SamplerConfig(steps=nfe), repeats)
 
 
 def main() -> None:
