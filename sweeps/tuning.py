@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from apex_ray.config import Config, ConfigError
-from apex_ray.tracking import RunLogger, check_tracking_server, resolve_tracking_uri
+from apex_ray.tracking import RunLogger, resolve_tracking_uri
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall")
 
@@ -175,8 +175,7 @@ def _progress_printer(sweep: Sweep, total: int):
         def _say(self, trials, trial, status: str) -> None:
             done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
             result = trial.last_result or {}
-            cell = trial.config.get("cell")
-            label = cell["label"] if cell else search_label(trial.config)
+            label = trial_label(trial.config)
             score = result.get(sweep.metric)
             shown = f" {sweep.metric} {score:.3f}" if status == "ok" and score is not None else ""
             minutes = (time.perf_counter() - getattr(self, "started", time.perf_counter())) / 60
@@ -196,6 +195,12 @@ def search_label(params: dict) -> str:
     return " ".join(f"{key.rsplit('.', 1)[-1]}={value:.4g}" for key, value in sorted(params.items()))
 
 
+def trial_label(params: dict) -> str:
+    """A grid cell's label, or a searched trial's sampled values."""
+    cell = params.get("cell")
+    return cell["label"] if cell else search_label(params)
+
+
 def run_trial(params: dict, sweep: Sweep, tracking_uri: str, parent_run_id: str) -> None:
     """One Tune trial: a TorchTrainer run of the trial's config (a Train V2 driver function)."""
     from ray import tune
@@ -203,10 +208,8 @@ def run_trial(params: dict, sweep: Sweep, tracking_uri: str, parent_run_id: str)
     from apex_ray.train import run
 
     cell = params.get("cell")
-    if cell is not None:
-        label, overrides = cell["label"], cell["overrides"]
-    else:  # optuna: params are dotted config keys
-        overrides, label = dict(params), search_label(params)
+    overrides = cell["overrides"] if cell else dict(params)  # optuna: params are dotted config keys
+    label = trial_label(params)
     config = build_trial_config(sweep, label, overrides, tracking_uri, parent_run_id)
     result = run(config, verbose=sweep.verbose, callbacks=[evaluation_report_callback(sweep.metric)])
     # The last word: status and child run id, on top of the final evaluation.
@@ -245,8 +248,10 @@ def _tune_config(sweep: Sweep, concurrency: int):
                            trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
 
 
-def validate(sweep: Sweep) -> tuple[str, list[Config]]:
-    """Everything that can fail before a trial starts. Returns the tracking URI and trial configs."""
+def validate(sweep: Sweep) -> tuple[str, Config]:
+    """Everything that can fail before a trial starts: every trial's config is built and checked.
+
+    Returns the tracking URI and the first trial's config (its resources size the concurrency)."""
     if not sweep.cells and not sweep.search:
         raise SweepError("the sweep has no trials")
     if sweep.search and sweep.num_samples < 1:
@@ -269,12 +274,10 @@ def validate(sweep: Sweep) -> tuple[str, list[Config]]:
     from apex_ray.train import preflight
 
     uri = resolve_tracking_uri(sweep.base.tracking.tracking_uri, sweep.directory)
-    check_tracking_server(uri)
     cells = sweep.cells or [Cell("probe", {r.key: r.low for r in sweep.search})]
     configs = [build_trial_config(sweep, c.label, c.overrides, uri, None) for c in cells]
-    for config in configs[:1]:
-        preflight(config)  # presets, paths, tracking (all trials share these)
-    return uri, configs
+    preflight(configs[0])  # presets, paths, tracking server: shared by all trials
+    return uri, configs[0]
 
 
 def run_sweep(sweep: Sweep) -> list[TrialOutcome]:
@@ -284,7 +287,7 @@ def run_sweep(sweep: Sweep) -> list[TrialOutcome]:
 
     from apex_ray.train import _start_ray
 
-    uri, configs = validate(sweep)
+    uri, first = validate(sweep)
     sweep.directory.mkdir(parents=True, exist_ok=True)
     parent = RunLogger.find(uri, sweep.base.tracking.experiment, sweep.name) if sweep.resume else None
     if parent is None:
@@ -293,8 +296,8 @@ def run_sweep(sweep: Sweep) -> list[TrialOutcome]:
                   **{f"base.{k}": v for k, v in sweep.base.to_flat_dict().items()}}
         parent = RunLogger.create(uri, sweep.base.tracking.experiment, sweep.name,
                                   {"sweep": sweep.kind, "role": "sweep-parent"}, params)
-    _start_ray(sweep.verbose, configs[0].world_size, configs[0].distributed.cpus_per_worker)
-    needs = trial_resources(configs[0])
+    _start_ray(sweep.verbose, first.world_size, first.distributed.cpus_per_worker)
+    needs = trial_resources(first)
     concurrency = derive_concurrency(needs, ray.cluster_resources(), sweep.concurrency)
     print(f"apex-ray sweep {sweep.name!r}: {len(sweep.cells) or sweep.num_samples} trials, "
           f"{concurrency} at a time ({needs} each), scoring {sweep.metric}", flush=True)
@@ -337,7 +340,7 @@ def _outcome(trial, sweep: Sweep) -> TrialOutcome:
     params = trial.config or {}
     cell = params.get("cell")
     metrics = trial.last_result or {}
-    label = cell["label"] if cell else search_label(params) if params else trial.trial_id
+    label = trial_label(params) if params else trial.trial_id
     coords = {c.label: c for c in sweep.cells}.get(label, Cell(label, {}))
     scores = {task: float(metrics[f"shapeeval_nfe{sweep.nfe}/{task}"]) for task in TASKS
               if f"shapeeval_nfe{sweep.nfe}/{task}" in metrics}
