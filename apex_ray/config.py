@@ -12,7 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from apex_ray.objective import APEXConfig, FlowMatchingConfig
+from apex_ray.method.objective import APEXConfig, FlowMatchingConfig
+from apex_ray.models.lora import LoRAConfig
 
 
 class ConfigError(ValueError):
@@ -23,27 +24,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class LoRAConfig(_Section):
-    """LoRA adapters (peft) on a frozen base; the EMA is a second adapter on the same base."""
-
-    enabled: bool = False
-    rank: int = Field(32, gt=0)
-    alpha: float | None = Field(None, gt=0)  # None = rank (scale 1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    # Module-name patterns (peft target_modules) for attention, MLP and timestep-embedding projections.
-    target_modules: list[str] = Field(default_factory=lambda: [
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-        "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
-        "timestep_embedder.linear_1", "timestep_embedder.linear_2",
-    ])
-
-
 class ModelConfig(_Section):
-    backbone: str = "sana-tiny"  # see apex_ray.backbones.BACKBONE_PRESETS
+    backbone: str = "sana-tiny"  # see apex_ray.models.BACKBONE_PRESETS
     # Starting (teacher) weights: a local path, a hub id, bundled:shapes-teacher (the tiny ShapeEval
     # teacher shipped in apex_ray/assets, the embedded default) or null for random init.
     pretrained: str | None = "bundled:shapes-teacher"
-    text_encoder: str = "minilm"  # see apex_ray.backbones.TEXT_ENCODER_PRESETS
+    text_encoder: str = "minilm"  # see apex_ray.models.TEXT_ENCODER_PRESETS
     text_encoder_path: str | None = None
     max_text_length: int = Field(32, gt=0)
     backbone_overrides: dict[str, Any] = Field(default_factory=dict)  # extra diffusers config keys

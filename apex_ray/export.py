@@ -12,14 +12,20 @@ from pathlib import Path
 
 import torch
 
-from apex_ray.backbones import build_backbone
-from apex_ray.checkpointing import RUN_FILE, TrainingState, load_checkpoint
 from apex_ray.config import Config, ConfigError, load_config
-from apex_ray.ema import EMA
-from apex_ray.lora import (
-    EMA_ADAPTER, TRAINED_ADAPTER, AdapterEMA, LoRATrainingState, apply_lora, save_adapter, save_merged,
+from apex_ray.engine.checkpointing import RUN_FILE, TrainingState, load_checkpoint
+from apex_ray.engine.step import build_optimizer
+from apex_ray.method.ema import EMA
+from apex_ray.models import build_backbone
+from apex_ray.models.lora import (
+    EMA_ADAPTER,
+    TRAINED_ADAPTER,
+    AdapterEMA,
+    LoRATrainingState,
+    apply_lora,
+    save_adapter,
+    save_merged,
 )
-from apex_ray.training import build_optimizer
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, config: Config | None = None,

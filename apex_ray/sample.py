@@ -9,7 +9,7 @@
 
 ``--checkpoint`` is a folder written by ``VelocityModel.save_pretrained`` (a run's ``export/ema``);
 with ``--backbone PRESET`` it may instead be diffusers weights (e.g. ``Qwen/Qwen-Image``, the base
-of a ``--lora`` adapter written by ``apex_ray.lora.save_adapter``). Sampling is the paper's any-step
+of a ``--lora`` adapter written by ``apex_ray.models.lora.save_adapter``). Sampling is the paper's any-step
 sampler (Algorithm 2, Appendix E); image ``i`` of a run starts from noise seeded by ``seed + i``.
 Pixel-space models (3 latent channels) need no decoder; latent models need ``--vae`` (a VAE or
 pipeline folder, or hub id) and are decoded as their diffusers pipeline does.
@@ -38,13 +38,19 @@ import torch
 from PIL import Image
 
 from apex_ray.assets import resolve_pretrained
-from apex_ray.backbones import BACKBONE_PRESETS, VelocityModel, build_backbone, build_text_encoder, load_backbone
-from apex_ray.backbones.base import BACKBONE_FILE
-from apex_ray.evaluation import Decode, Encode, generate, image_grid
-from apex_ray.sampler import SamplerConfig, sample
+from apex_ray.engine.evaluation import Decode, Encode, generate, image_grid
+from apex_ray.method.sampler import SamplerConfig, sample
+from apex_ray.models import (
+    BACKBONE_PRESETS,
+    VelocityModel,
+    build_backbone,
+    build_text_encoder,
+    load_backbone,
+)
+from apex_ray.models.base import BACKBONE_FILE
 
 VAE_CODECS = {"sana": "autoencoder-dc", "qwen-image": "autoencoder-kl-qwenimage"}
-"""The ``data_pipelines.codecs`` codec that decodes each latent family's VAE latents."""
+"""The ``apex_ray.models.codecs`` codec that decodes each latent family's VAE latents."""
 
 
 class SampleError(ValueError):
@@ -71,7 +77,7 @@ def load_model(checkpoint: str, backbone: str | None = None, lora: str | None = 
                           f"or name its preset with --backbone to load diffusers weights "
                           f"(presets: {sorted(BACKBONE_PRESETS)})")
     if lora is not None:
-        from apex_ray.lora import load_adapter_into
+        from apex_ray.models.lora import load_adapter_into
 
         load_adapter_into(model, lora)
     return model.eval().requires_grad_(False)
@@ -102,7 +108,7 @@ def latent_decoder(model: VelocityModel, vae: str | None, device: torch.device, 
     if vae is None:
         raise SampleError(f"this {model.family} model makes {model.latent_channels}-channel latents: pass --vae "
                           "(a VAE or pipeline folder, or hub id, e.g. the --checkpoint's teacher repo)")
-    from data_pipelines.codecs import load_codec
+    from apex_ray.models.codecs import load_codec
 
     codec = load_codec(VAE_CODECS[model.family], vae, None if os.path.isdir(vae) else "vae", device, dtype)
     return codec.decode
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m apex_ray.sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="exported save_pretrained folder (e.g. export/ema)")
     parser.add_argument("--backbone", help="preset of --checkpoint when it holds diffusers weights, not an export")
-    parser.add_argument("--lora", help="LoRA adapter folder (apex_ray.lora.save_adapter) to load on top")
+    parser.add_argument("--lora", help="LoRA adapter folder (apex_ray.models.lora.save_adapter) to load on top")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompts", help="a text file, one prompt per line, or a prompt")
     which.add_argument("--geneval-metadata", help="GenEval's evaluation_metadata.jsonl")

@@ -3,7 +3,7 @@
     python bench/bench_fsdp_memory.py [--world 2] [--width 256] [--layers 8]
 
 Each rank builds the SANA preset (``sana-tiny`` widened by ``--width``/``--layers`` so the
-blocks dominate), wraps it the way the trainer does (``apex_ray.parallel.parallelize``, FSDP2
+blocks dominate), wraps it the way the trainer does (``apex_ray.engine.parallel.parallelize``, FSDP2
 per block or DDP), adds the EMA copy (sharded alike under FSDP), runs one AdamW step, and
 counts the bytes this rank holds: parameters, gradients, optimizer moments, EMA. Activations
 are left out (they depend on batch and checkpointing, not on the strategy). Prints FSDP / DDP.
@@ -38,10 +38,10 @@ def rank_main(rank: int, world: int, port: int, strategy: str, width: int, layer
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from apex_ray.backbones import build_backbone
-    from apex_ray.conditioning import Conditioning
-    from apex_ray.ema import EMA
-    from apex_ray.parallel import apply_fsdp, parallelize, unwrap
+    from apex_ray.engine.parallel import apply_fsdp, parallelize, unwrap
+    from apex_ray.method.conditioning import Conditioning
+    from apex_ray.method.ema import EMA
+    from apex_ray.models import build_backbone
 
     torch.manual_seed(0)
     heads = max(1, width // 32)

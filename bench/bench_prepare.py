@@ -25,9 +25,9 @@ import ray
 import torch
 
 from apex_ray.shapeeval import write_pairs
+from data_pipelines.actors import CaptionEncoder, ImageEncoder
 from data_pipelines.config import InputConfig, load_prepare_config
 from data_pipelines.decode import decode_rows
-from data_pipelines.encoders import CaptionEncoder, ImageEncoder
 from data_pipelines.prepare_latents import prepare
 from data_pipelines.readers import plan_input, read_units
 

@@ -33,7 +33,7 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
 
     from apex_ray.config import load_config
-    from apex_ray.train import run
+    from apex_ray.orchestration.launcher import run
 
     torch.set_num_threads(1)
     plain, _ = time_objective("apex", args.batch, args.steps, args.warmup)

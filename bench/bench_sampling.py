@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from result import report  # noqa: E402
 from table1 import time_sampler  # noqa: E402
 
-from apex_ray.backbones import build_text_encoder, load_backbone  # noqa: E402
-from apex_ray.sampler import SamplerConfig  # noqa: E402
+from apex_ray.method.sampler import SamplerConfig  # noqa: E402
+from apex_ray.models import build_text_encoder, load_backbone  # noqa: E402
 
 
 def median_seconds(model, cond, shape, nfe: int, repeats: int) -> float:

@@ -17,11 +17,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from result import report  # noqa: E402
 
-from apex_ray.backbones import build_backbone
 from apex_ray.config import load_config
-from apex_ray.conditioning import Conditioning
-from apex_ray.ema import EMA
-from apex_ray.training import Batch, StepRunner, build_lr_scheduler, build_objective, build_optimizer
+from apex_ray.engine.step import (
+    StepRunner,
+    build_lr_scheduler,
+    build_objective,
+    build_optimizer,
+)
+from apex_ray.method.batch import Batch
+from apex_ray.method.conditioning import Conditioning
+from apex_ray.method.ema import EMA
+from apex_ray.models import build_backbone
 
 
 def time_objective(kind: str, batch: int, steps: int, warmup: int) -> tuple[float, dict[str, float]]:

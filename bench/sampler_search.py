@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from apex_ray.backbones import build_text_encoder, load_backbone
-from apex_ray.evaluation import shapeeval_scores
-from apex_ray.sampler import SamplerConfig
+from apex_ray.engine.evaluation import shapeeval_scores
+from apex_ray.method.sampler import SamplerConfig
+from apex_ray.models import build_text_encoder, load_backbone
 
 SETTINGS = {
     "order": (1, 2),

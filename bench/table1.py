@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from apex_ray.backbones import build_text_encoder, load_backbone
-from apex_ray.evaluation import generate, image_grid
-from apex_ray.sampler import SamplerConfig, sample
+from apex_ray.engine.evaluation import generate, image_grid
+from apex_ray.method.sampler import SamplerConfig, sample
+from apex_ray.models import build_text_encoder, load_backbone
 from apex_ray.shapeeval import TASKS, evaluation_set, score_images
 
 

@@ -2,7 +2,7 @@
 overrides, checked before Ray or any model starts.
 
 The backbone preset picks the defaults that must match the model to be trained: its text
-encoder (``apex_ray.backbones``) and its image codec (pixels for the tiny presets, the released
+encoder (``apex_ray.models``) and its image codec (pixels for the tiny presets, the released
 VAE for SANA and Qwen-Image).
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from apex_ray.backbones import BACKBONE_PRESETS, TEXT_ENCODER_PRESETS
 from apex_ray.config import ConfigError, format_validation_error, read_config_tree
+from apex_ray.models import BACKBONE_PRESETS, TEXT_ENCODER_PRESETS
 
 CodecName = Literal["pixel", "autoencoder-kl", "autoencoder-dc", "autoencoder-kl-qwenimage"]
 InputFormat = Literal["auto", "parquet", "image_folder", "shapeeval"]
@@ -68,7 +68,7 @@ class CodecConfig(ActorPoolConfig):
 
 
 class TextConfig(ActorPoolConfig):
-    encoder: str | None = None  # apex_ray.backbones.TEXT_ENCODER_PRESETS name; default: the backbone's
+    encoder: str | None = None  # apex_ray.models.TEXT_ENCODER_PRESETS name; default: the backbone's
     path: str | None = None  # default: the preset's weights
     max_length: int | None = Field(None, gt=0)  # tokens kept (and padded to); default: the preset's
 
@@ -83,7 +83,7 @@ class PrepareConfig(_Section):
     input: InputConfig
     output: str  # folder of the prepared set
     overwrite: bool = False  # replace a complete prepared set at ``output``
-    backbone: str = "sana-tiny"  # apex_ray.backbones.BACKBONE_PRESETS name: picks codec and text encoder
+    backbone: str = "sana-tiny"  # apex_ray.models.BACKBONE_PRESETS name: picks codec and text encoder
     image: ImageConfig = Field(default_factory=ImageConfig)
     codec: CodecConfig = Field(default_factory=CodecConfig)
     text: TextConfig = Field(default_factory=TextConfig)

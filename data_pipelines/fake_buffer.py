@@ -5,10 +5,10 @@ parquet, so that the trainer's FIFO buffer (APEX's shifted branch) holds fake da
 
 Ray Data batch inference: the prepared shards' text embeddings (no text encoder is needed) ->
 an actor pool that loads the checkpoint once per actor and samples with
-``apex_ray.sampler.sample`` -> staged shards + ``manifest.json`` (same complete-or-nothing
+``apex_ray.method.sampler.sample`` -> staged shards + ``manifest.json`` (same complete-or-nothing
 output folder as the prepared set). Shard columns: ``id``, ``caption``, ``sample`` [C, H, W]
 (latent space, float32), ``text_embeds``, ``text_mask`` and ``pooled`` where the set has it.
-The trainer pushes it into its buffer with :func:`load_fake_buffer`.
+The trainer pushes it into its buffer with :func:`apex_ray.engine.prepared.load_fake_buffer`.
 """
 from __future__ import annotations
 
@@ -27,19 +27,23 @@ import torch
 from pydantic import ValidationError
 from ray.data import ActorPoolStrategy
 
-from apex_ray.backbones import load_backbone
-from apex_ray.backbones.base import read_backbone_file
-from apex_ray.buffer import FakeSampleBuffer
 from apex_ray.config import format_validation_error
-from apex_ray.sampler import SamplerConfig, sample
+from apex_ray.engine.prepared import (
+    FAKE_BUFFER,
+    PREPARED_SET,
+    prepared_dataset,
+    read_manifest,
+    shard_paths,
+    tensor_columns,
+    to_conditioning,
+)
+from apex_ray.method.sampler import SamplerConfig, sample
+from apex_ray.models import load_backbone
+from apex_ray.models.base import read_backbone_file
 from data_pipelines.config import FakeBufferConfig
 from data_pipelines.output import WRITE_TASK_CPUS, OutputError, StagedOutput
-from data_pipelines.prepared import (
-    PREPARED_SET, as_tensor, prepared_dataset, read_manifest, read_rows, shard_paths, tensor_columns, to_conditioning,
-)
 from data_pipelines.readers import READ_TASK_CPUS, InputError
 
-KIND = "fake_buffer"
 FORMAT_VERSION = 1
 
 
@@ -102,7 +106,7 @@ def make_fake_buffer(config: FakeBufferConfig) -> dict:
         tensors = tensor_columns(pq.read_schema(shard_paths(out.path, {"shards": shards})[0]))
         manifest = {
             "format_version": FORMAT_VERSION,
-            "kind": KIND,
+            "kind": FAKE_BUFFER,
             "rows": sum(shard["rows"] for shard in shards),
             "sample_shape": tensors["sample"]["shape"],
             "sample_dtype": tensors["sample"]["dtype"],
@@ -122,24 +126,6 @@ def make_fake_buffer(config: FakeBufferConfig) -> dict:
     print(f"fake_buffer: {manifest['rows']} samples ({config.steps}-step) in {elapsed:.1f} s "
           f"({manifest['rows'] / elapsed:.1f} samples/s) -> {out.path}")
     return manifest
-
-
-def load_fake_buffer(path: str | os.PathLike, buffer: FakeSampleBuffer, limit: int | None = None,
-                     chunk: int = 1024) -> int:
-    """Push the first ``limit`` samples (all by default) of the buffer at ``path``, with their
-    conditioning, into ``buffer`` (oldest first, so a smaller FIFO keeps the last ones); returns
-    how many were pushed. Needs only pyarrow."""
-    manifest = read_manifest(path)
-    if manifest.get("kind") != KIND:
-        raise ValueError(f"{str(path)!r} is not a fake-sample buffer (kind {manifest.get('kind')!r}); "
-                         "make one with `python -m data_pipelines.fake_buffer`")
-    columns = ["sample", "text_embeds", "text_mask"] + (["pooled"] if manifest.get("pooled_shape") else [])
-    rows = read_rows(path, columns, limit)
-    count = len(rows["sample"])
-    for start in range(0, count, chunk):
-        part = {name: values[start:start + chunk] for name, values in rows.items()}
-        buffer.push(as_tensor(part["sample"]).float(), to_conditioning(part))
-    return count
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,12 +25,23 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from apex_ray.config import ConfigError
+from apex_ray.engine.prepared import (
+    EMPTY_PROMPT,
+    PREPARED_SET,
+    REJECTS,
+    load_empty_prompt,
+    shard_paths,
+    tensor_columns,
+)
+from data_pipelines.actors import CaptionEncoder, ImageEncoder
 from data_pipelines.config import PrepareConfig, load_prepare_config
 from data_pipelines.decode import decode_rows
-from data_pipelines.encoders import CaptionEncoder, ImageEncoder
-from data_pipelines.output import REJECT_COLUMNS, WRITE_TASK_CPUS, OutputError, StagedOutput, atomic_path
-from data_pipelines.prepared import (
-    EMPTY_PROMPT, PREPARED_SET, REJECTS, load_empty_prompt, shard_paths, tensor_columns,
+from data_pipelines.output import (
+    REJECT_COLUMNS,
+    WRITE_TASK_CPUS,
+    OutputError,
+    StagedOutput,
+    atomic_path,
 )
 from data_pipelines.readers import InputError, InputPlan, plan_input, read_input
 

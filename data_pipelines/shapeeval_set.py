@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from apex_ray.engine.prepared import MANIFEST
 from apex_ray.shapeeval import write_pairs
 from data_pipelines.config import load_prepare_config
 from data_pipelines.prepare_latents import prepare
-from data_pipelines.prepared import MANIFEST
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from apex_ray.config import ConfigError, load_config
-from apex_ray.tracking import TrackingError
+from apex_ray.orchestration.tracking import TrackingError
 from sweeps.tuning import SearchRange, Sweep, SweepError, render, run_sweep
 
 

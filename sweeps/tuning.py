@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from apex_ray.config import Config, ConfigError
-from apex_ray.tracking import RunLogger, resolve_tracking_uri
+from apex_ray.orchestration.tracking import RunLogger, resolve_tracking_uri
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall")
 
@@ -205,7 +205,7 @@ def run_trial(params: dict, sweep: Sweep, tracking_uri: str, parent_run_id: str)
     """One Tune trial: a TorchTrainer run of the trial's config (a Train V2 driver function)."""
     from ray import tune
 
-    from apex_ray.train import run
+    from apex_ray.orchestration.launcher import run
 
     cell = params.get("cell")
     overrides = cell["overrides"] if cell else dict(params)  # optuna: params are dotted config keys
@@ -271,7 +271,7 @@ def validate(sweep: Sweep) -> tuple[str, Config]:
                          "finish it, or --name NEW to start another")
     if sweep.resume and not state.exists():
         raise SweepError(f"--resume: no sweep {sweep.name!r} in {sweep.directory}")
-    from apex_ray.train import preflight
+    from apex_ray.orchestration.launcher import preflight
 
     uri = resolve_tracking_uri(sweep.base.tracking.tracking_uri, sweep.directory)
     cells = sweep.cells or [Cell("probe", {r.key: r.low for r in sweep.search})]
@@ -285,7 +285,7 @@ def run_sweep(sweep: Sweep) -> list[TrialOutcome]:
     import ray
     from ray import tune
 
-    from apex_ray.train import _start_ray
+    from apex_ray.orchestration.launcher import start_ray
 
     uri, first = validate(sweep)
     sweep.directory.mkdir(parents=True, exist_ok=True)
@@ -296,7 +296,7 @@ def run_sweep(sweep: Sweep) -> list[TrialOutcome]:
                   **{f"base.{k}": v for k, v in sweep.base.to_flat_dict().items()}}
         parent = RunLogger.create(uri, sweep.base.tracking.experiment, sweep.name,
                                   {"sweep": sweep.kind, "role": "sweep-parent"}, params)
-    _start_ray(sweep.verbose, first.world_size, first.distributed.cpus_per_worker)
+    start_ray(sweep.verbose, first.world_size, first.distributed.cpus_per_worker)
     needs = trial_resources(first)
     concurrency = derive_concurrency(needs, ray.cluster_resources(), sweep.concurrency)
     print(f"apex-ray sweep {sweep.name!r}: {len(sweep.cells) or sweep.num_samples} trials, "

@@ -13,17 +13,17 @@ from transformers import (
     Qwen2Tokenizer,
 )
 
-from apex_ray.backbones import (
+from apex_ray.method.conditioning import Conditioning, shift_condition
+from apex_ray.models import (
     BACKBONE_PRESETS,
+    TEXT_ENCODER_PRESETS,
     QwenImageVelocityModel,
     SanaVelocityModel,
-    TEXT_ENCODER_PRESETS,
     build_backbone,
     build_text_encoder,
     load_backbone,
 )
-from apex_ray.backbones.text_encoders import QWEN_IMAGE_PROMPT_TEMPLATE
-from apex_ray.conditioning import Conditioning, shift_condition
+from apex_ray.models.text_encoders import QWEN_IMAGE_PROMPT_TEMPLATE
 
 TINY = ["sana-tiny", "qwen-image-tiny"]
 B, C, S, L, D = 4, 3, 32, 7, 384

@@ -13,25 +13,35 @@ import pytest
 import torch
 from PIL import Image
 
-from apex_ray.backbones import build_backbone, build_text_encoder, load_backbone
-from apex_ray.buffer import FakeSampleBuffer
-from apex_ray.ema import EMA
-from apex_ray.objective import APEXConfig, APEXObjective
+from apex_ray.engine.prepared import (
+    load_empty_prompt,
+    load_fake_buffer,
+    load_prepared_arrays,
+    prepared_dataset,
+    read_manifest,
+    read_rows,
+    to_training_batch,
+)
+from apex_ray.method.buffer import FakeSampleBuffer
+from apex_ray.method.ema import EMA
+from apex_ray.method.objective import APEXConfig, APEXObjective
+from apex_ray.models import build_backbone, build_text_encoder, load_backbone
+from apex_ray.models.codecs import load_codec
 from apex_ray.shapeeval import generate_pairs, images_to_tensor, write_pairs
 from apex_ray.shapeeval.dataset import decode_png, encode_png
-from data_pipelines.codecs import load_codec
+from data_pipelines.actors import encode_usable_rows
 from data_pipelines.config import FakeBufferConfig, load_prepare_config
 from data_pipelines.decode import (
-    EMPTY_CAPTION, MISSING_CAPTION, TEXT_ENCODING_FAILED, TOO_SMALL, UNDECODABLE_IMAGE,
+    EMPTY_CAPTION,
+    MISSING_CAPTION,
+    TEXT_ENCODING_FAILED,
+    TOO_SMALL,
+    UNDECODABLE_IMAGE,
 )
-from data_pipelines.encoders import encode_usable_rows
-from data_pipelines.fake_buffer import FakeSampler, load_fake_buffer, make_fake_buffer
+from data_pipelines.fake_buffer import FakeSampler, make_fake_buffer
 from data_pipelines.output import OutputError, StagedOutput
 from data_pipelines.prepare_latents import main as prepare_main
 from data_pipelines.prepare_latents import prepare
-from data_pipelines.prepared import (
-    load_empty_prompt, load_prepared_arrays, prepared_dataset, read_manifest, read_rows, to_training_batch,
-)
 from data_pipelines.readers import InputError
 
 SIZE = 32

@@ -10,15 +10,23 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from torch.distributed.tensor import DTensor
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, SanaPipeline
+from torch.distributed.tensor import DTensor
 
-from apex_ray.backbones import build_backbone, load_backbone
-from apex_ray.buffer import FakeSampleBuffer
-from apex_ray.checkpointing import full_state_dict, load_checkpoint, save_checkpoint
-from apex_ray.conditioning import Conditioning
 from apex_ray.config import LoRAConfig, OptimConfig
-from apex_ray.lora import (
+from apex_ray.engine.checkpointing import (
+    full_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+)
+from apex_ray.engine.parallel import gradient_sync, parallelize
+from apex_ray.engine.step import StepRunner, build_lr_scheduler, build_optimizer
+from apex_ray.method.batch import Batch
+from apex_ray.method.buffer import FakeSampleBuffer
+from apex_ray.method.conditioning import Conditioning
+from apex_ray.method.objective import APEXConfig, APEXObjective
+from apex_ray.models import build_backbone, load_backbone
+from apex_ray.models.lora import (
     EMA_ADAPTER,
     TRAINED_ADAPTER,
     AdapterEMA,
@@ -30,9 +38,6 @@ from apex_ray.lora import (
     save_adapter,
     save_merged,
 )
-from apex_ray.objective import APEXConfig, APEXObjective
-from apex_ray.parallel import gradient_sync, parallelize
-from apex_ray.training import Batch, StepRunner, build_lr_scheduler, build_optimizer
 
 TINY = ["sana-tiny", "qwen-image-tiny"]
 PIPELINES = {"sana-tiny": SanaPipeline, "qwen-image-tiny": QwenImagePipeline}

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from apex_ray.buffer import FakeSampleBuffer
-from apex_ray.conditioning import Conditioning, shift_condition
-from apex_ray.objective import (
+from apex_ray.method.buffer import FakeSampleBuffer
+from apex_ray.method.conditioning import Conditioning, shift_condition
+from apex_ray.method.objective import (
     APEXConfig,
     APEXObjective,
     FlowMatchingObjective,
@@ -19,7 +19,7 @@ from apex_ray.objective import (
     shift_loss,
     stochastic_count,
 )
-from apex_ray.transport import f_x, f_z, interpolate
+from apex_ray.method.transport import f_x, f_z, interpolate
 
 B, C, H, W, L, D = 6, 3, 8, 8, 5, 4
 

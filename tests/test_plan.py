@@ -7,13 +7,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from apex_ray.backbones import build_backbone
-from apex_ray.conditioning import Conditioning
 from apex_ray.config import load_config
-from apex_ray.ema import EMA
-from apex_ray.lora import AdapterEMA, apply_lora
-from apex_ray.plan import ACTIVATION_CONSTANTS, allocated_by, main, measure_activation_constants, plan
-from apex_ray.training import Batch, StepRunner, build_lr_scheduler, build_objective, build_optimizer
+from apex_ray.engine.memory_plan import (
+    ACTIVATION_CONSTANTS,
+    allocated_by,
+    measure_activation_constants,
+    plan,
+)
+from apex_ray.engine.step import (
+    StepRunner,
+    build_lr_scheduler,
+    build_objective,
+    build_optimizer,
+)
+from apex_ray.method.batch import Batch
+from apex_ray.method.conditioning import Conditioning
+from apex_ray.method.ema import EMA
+from apex_ray.models import build_backbone
+from apex_ray.models.lora import AdapterEMA, apply_lora
+from apex_ray.plan import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TOLERANCE = 0.30

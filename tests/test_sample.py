@@ -10,9 +10,8 @@ from diffusers import AutoencoderDC
 from PIL import Image
 
 import apex_ray.sample as sample_cli
-from apex_ray.backbones import build_backbone
+from apex_ray.models import build_backbone
 from apex_ray.sample import main
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,9 +132,9 @@ def test_a_folder_without_an_export_asks_for_the_backbone(tmp_path, capsys):
 
 
 def test_lora_adapter_on_top_matches_its_merged_export(checkpoint, tmp_path):
-    from apex_ray.backbones import load_backbone
     from apex_ray.config import LoRAConfig
-    from apex_ray.lora import apply_lora, merge_adapter, save_adapter
+    from apex_ray.models import load_backbone
+    from apex_ray.models.lora import apply_lora, merge_adapter, save_adapter
 
     model = load_backbone(checkpoint)
     apply_lora(model, LoRAConfig(rank=4))

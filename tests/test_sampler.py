@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from apex_ray.buffer import FakeSampleBuffer
-from apex_ray.conditioning import Conditioning
-from apex_ray.ema import EMA, warmup_decay
-from apex_ray.sampler import SamplerConfig, kumaraswamy, sample, time_grid
+from apex_ray.method.buffer import FakeSampleBuffer
+from apex_ray.method.conditioning import Conditioning
+from apex_ray.method.ema import EMA, warmup_decay
+from apex_ray.method.sampler import SamplerConfig, kumaraswamy, sample, time_grid
 
 B, C, H, W = 4, 3, 8, 8
 

@@ -18,6 +18,7 @@ from apex_ray.shapeeval import (
     Prompt,
     Scene,
     SceneObject,
+    dataset,
     detect,
     detect_batch,
     evaluation_set,
@@ -28,13 +29,13 @@ from apex_ray.shapeeval import (
     render_ground_truth,
     sample_prompt,
     sample_scene,
+    scenes,
     score_each,
     score_image,
     score_images,
     tensor_to_images,
     write_pairs,
 )
-from apex_ray.shapeeval import dataset, scenes
 from apex_ray.shapeeval.scenes import BACKGROUND, PALETTE, layout
 
 CANVASES = (32, 64)

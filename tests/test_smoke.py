@@ -6,11 +6,16 @@ import math
 import pytest
 import torch
 
-from apex_ray.backbones import build_backbone, build_text_encoder
 from apex_ray.config import load_config
-from apex_ray.data import BatchStream, shapeeval_dataset
-from apex_ray.ema import EMA
-from apex_ray.training import StepRunner, build_lr_scheduler, build_objective, build_optimizer
+from apex_ray.engine.step import (
+    StepRunner,
+    build_lr_scheduler,
+    build_objective,
+    build_optimizer,
+)
+from apex_ray.engine.streams import BatchStream, shapeeval_dataset
+from apex_ray.method.ema import EMA
+from apex_ray.models import build_backbone, build_text_encoder
 
 
 @pytest.mark.slow

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from apex_ray.assets import BUNDLED_MODELS, resolve_pretrained
-from apex_ray.backbones import build_text_encoder, load_backbone
 from apex_ray.config import load_config
-from apex_ray.evaluation import shapeeval_scores
-from apex_ray.sampler import SamplerConfig
+from apex_ray.engine.evaluation import shapeeval_scores
+from apex_ray.method.sampler import SamplerConfig
+from apex_ray.models import build_text_encoder, load_backbone
 
 TEACHER = "bundled:shapes-teacher"
 CARD = BUNDLED_MODELS[TEACHER][2] / "sampler.json"

@@ -11,10 +11,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from apex_ray.backbones import load_backbone
 from apex_ray.config import load_config
 from apex_ray.export import export_checkpoint
-from apex_ray.train import run
+from apex_ray.models import load_backbone
+from apex_ray.orchestration.launcher import run
 
 TINY = ["train.global_batch=4", "data.num_samples=48", "eval.images_per_prompt=1", "eval.grid_size=8",
         "train.log_every=1", "train.eval_every=1000"]

@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from sweeps import condition_shift, loss_weights
-from sweeps.tuning import SweepError, TrialOutcome, derive_concurrency, grid_table, run_sweep
+from sweeps.tuning import (
+    SweepError,
+    TrialOutcome,
+    derive_concurrency,
+    grid_table,
+    run_sweep,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 # A trial in seconds: the bundled teacher, 3 APEX steps on 64 in-memory pairs, 1 image per prompt.

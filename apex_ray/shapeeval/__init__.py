@@ -5,7 +5,12 @@ See ``shared/design/shapes-benchmark.md``. ``scenes`` draws and renders scenes a
 six GenEval task rules, ``dataset`` writes and reads training pairs as parquet.
 """
 from apex_ray.shapeeval.dataset import decode_images, load_pairs, write_pairs
-from apex_ray.shapeeval.prompts import EVAL_PROMPTS, EVAL_PROMPTS_VERSION, evaluation_set, render_ground_truth
+from apex_ray.shapeeval.prompts import (
+    EVAL_PROMPTS,
+    EVAL_PROMPTS_VERSION,
+    evaluation_set,
+    render_ground_truth,
+)
 from apex_ray.shapeeval.scenes import (
     COLORS,
     DEFAULT_CANVAS,
@@ -23,7 +28,14 @@ from apex_ray.shapeeval.scenes import (
     sample_scene,
     tensor_to_images,
 )
-from apex_ray.shapeeval.scorer import Detection, detect, detect_batch, score_each, score_image, score_images
+from apex_ray.shapeeval.scorer import (
+    Detection,
+    detect,
+    detect_batch,
+    score_each,
+    score_image,
+    score_images,
+)
 
 __all__ = [
     "COLORS", "DEFAULT_CANVAS", "EVAL_PROMPTS", "EVAL_PROMPTS_VERSION", "RELATIONS", "SHAPES", "TASKS",

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from apex_ray.shapeeval.scenes import COUNT_WORDS, DEFAULT_CANVAS, SHAPES, Prompt, render, sample_scene
+from apex_ray.shapeeval.scenes import (
+    COUNT_WORDS,
+    DEFAULT_CANVAS,
+    SHAPES,
+    Prompt,
+    render,
+    sample_scene,
+)
 
 EVAL_PROMPTS_VERSION = "v1"
 MAX_IMAGES_PER_PROMPT = 1000

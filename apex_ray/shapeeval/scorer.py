@@ -19,7 +19,15 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from apex_ray.shapeeval.scenes import BACKGROUND, COLORS, PALETTE, SHAPES, TASKS, Prompt, tensor_to_images
+from apex_ray.shapeeval.scenes import (
+    BACKGROUND,
+    COLORS,
+    PALETTE,
+    SHAPES,
+    TASKS,
+    Prompt,
+    tensor_to_images,
+)
 
 COLOR_TOLERANCE = 80.0
 MIN_AREA_FRACTION = 12 / 1024

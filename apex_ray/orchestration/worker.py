@@ -1,7 +1,7 @@
 """The Ray Train worker: build, shard, resume, train, evaluate, checkpoint, export.
 
 Runs on every worker of the ``TorchTrainer``. The optimisation step itself lives in
-``apex_ray.training``; this module wires it to Ray Train (context, checkpoints, reports),
+``apex_ray.engine.step``; this module wires it to Ray Train (context, checkpoints, reports),
 torch.distributed (FSDP2/DDP, gathers) and MLflow (rank 0 only).
 """
 from __future__ import annotations
@@ -17,25 +17,46 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from apex_ray.backbones import build_backbone, build_text_encoder
-from apex_ray.checkpointing import (
-    TrainingState, full_state_dict, load_checkpoint, save_checkpoint, write_run_description,
-)
-from apex_ray.conditioning import Conditioning
 from apex_ray.config import Config
-from apex_ray.data import BatchStream, ShardStream, shapeeval_dataset
-from apex_ray.ema import EMA
-from apex_ray.lora import (
-    EMA_ADAPTER, TRAINED_ADAPTER, AdapterEMA, LoRATrainingState, apply_lora, save_adapter, save_merged,
+from apex_ray.engine.checkpointing import (
+    TrainingState,
+    full_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+    write_run_description,
 )
-from apex_ray.evaluation import generate, image_grid, sampler_for_nfe
-from apex_ray.parallel import apply_fsdp, gradient_sync, mixed_precision_dtype, parallelize, unwrap
+from apex_ray.engine.evaluation import generate, image_grid, sampler_for_nfe
+from apex_ray.engine.parallel import (
+    apply_fsdp,
+    gradient_sync,
+    mixed_precision_dtype,
+    parallelize,
+    unwrap,
+)
+from apex_ray.engine.prepared import load_fake_buffer, read_manifest, to_training_batch
+from apex_ray.engine.step import (
+    NonFiniteLossError,
+    StepRunner,
+    build_lr_scheduler,
+    build_objective,
+    build_optimizer,
+)
+from apex_ray.engine.streams import BatchStream, ShardStream, shapeeval_dataset
+from apex_ray.method.conditioning import Conditioning
+from apex_ray.method.ema import EMA
+from apex_ray.models import build_backbone, build_text_encoder
+from apex_ray.models.codecs import load_codec
+from apex_ray.models.lora import (
+    EMA_ADAPTER,
+    TRAINED_ADAPTER,
+    AdapterEMA,
+    LoRATrainingState,
+    apply_lora,
+    save_adapter,
+    save_merged,
+)
+from apex_ray.orchestration.tracking import RunLogger
 from apex_ray.shapeeval import evaluation_set, score_images
-from apex_ray.tracking import RunLogger
-from data_pipelines.codecs import load_codec
-from data_pipelines.fake_buffer import load_fake_buffer
-from data_pipelines.prepared import read_manifest, to_training_batch
-from apex_ray.training import NonFiniteLossError, StepRunner, build_lr_scheduler, build_objective, build_optimizer
 
 # Metrics averaged over ranks before they are reported (the rest are rank 0's).
 AVERAGED_METRICS = ("loss", "loss_path", "loss_adv", "loss_shift", "loss_endpoint")

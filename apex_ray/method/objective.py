@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from apex_ray.buffer import FakeSampleBuffer
-from apex_ray.conditioning import SHIFT_TARGETS, Conditioning, ShiftTarget, shift_condition
-from apex_ray.transport import expand_time, f_x, interpolate
-
-VelocityFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
-
+from apex_ray.method.buffer import FakeSampleBuffer
+from apex_ray.method.conditioning import (
+    SHIFT_TARGETS,
+    Conditioning,
+    ShiftTarget,
+    VelocityFn,
+    shift_condition,
+)
+from apex_ray.method.transport import expand_time, f_x, interpolate
 
 # ---------------------------------------------------------------------------------------------
 # Equations

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from diffusers import SanaTransformer2DModel
 
-from apex_ray.backbones.base import VelocityModel, flow_time
-from apex_ray.conditioning import Conditioning
+from apex_ray.method.conditioning import Conditioning
+from apex_ray.models.base import VelocityModel, flow_time
 
 SANA_TIMESTEP_SCALE = 1000.0
 """Scheduler timesteps are flow time (sigma) times ``num_train_timesteps`` = 1000."""

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from apex_ray.backbones import build_text_encoder
+from apex_ray.models import build_text_encoder
+from apex_ray.models.codecs import load_codec
 from apex_ray.shapeeval import images_to_tensor
-from data_pipelines.codecs import load_codec
 from data_pipelines.decode import IMAGE_ENCODING_FAILED, TEXT_ENCODING_FAILED
 from data_pipelines.output import atomic_path
 

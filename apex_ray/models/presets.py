@@ -1,7 +1,7 @@
 """Named backbones: build one from a preset (random weights or a diffusers checkpoint), load one back.
 
 A preset fixes the diffusers config, the wrapper class and the text encoder it is paired with
-(``text_encoder``, a :func:`~apex_ray.backbones.build_text_encoder` preset). Building without
+(``text_encoder``, a :func:`~apex_ray.models.build_text_encoder` preset). Building without
 ``pretrained`` gives random weights of the real size, which is what a GPU smoke test or a
 from-scratch run needs; ``pretrained`` (local folder or hub id) loads a released checkpoint.
 """
@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass
 
 from apex_ray.assets import resolve_pretrained
-from apex_ray.backbones.base import VelocityModel, read_backbone_file
-from apex_ray.backbones.qwen_image import QWEN_IMAGE_CONFIGS, QwenImageVelocityModel
-from apex_ray.backbones.sana import SANA_CONFIGS, SanaVelocityModel
+from apex_ray.models.base import VelocityModel, read_backbone_file
+from apex_ray.models.qwen_image import QWEN_IMAGE_CONFIGS, QwenImageVelocityModel
+from apex_ray.models.sana import SANA_CONFIGS, SanaVelocityModel
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from apex_ray.conditioning import Conditioning
-from apex_ray.objective import VelocityFn
-from apex_ray.sampler import SamplerConfig, sample
+from apex_ray.method.conditioning import Conditioning, VelocityFn
+from apex_ray.method.sampler import SamplerConfig, sample
 from apex_ray.shapeeval import evaluation_set, score_images
 
 Decode = Callable[[torch.Tensor], torch.Tensor]  # latents -> images in [-1, 1], [B, 3, H, W]

@@ -1,6 +1,6 @@
 """One worker's optimisation step: objective, accumulation, clipping, skip on non-finite, EMA.
 
-No Ray here: the Ray Train worker (``apex_ray.worker``) and the single-process tests drive the
+No Ray here: the Ray Train worker (``apex_ray.orchestration.worker``) and the single-process tests drive the
 same :class:`StepRunner`. Distribution enters only through the already-wrapped model and the
 ``grad_sync`` hook.
 """
@@ -9,27 +9,15 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 
 import torch
 
-from apex_ray.buffer import FakeSampleBuffer
-from apex_ray.conditioning import Conditioning
 from apex_ray.config import Config, OptimConfig
-from apex_ray.ema import EMA
-from apex_ray.objective import APEXObjective, FlowMatchingObjective
-
-
-@dataclass
-class Batch:
-    """A micro-batch: latents ``[B, C, H, W]`` and their text conditioning."""
-
-    latents: torch.Tensor
-    cond: Conditioning
-
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.latents.to(device), self.cond.to(device))
+from apex_ray.method.batch import Batch
+from apex_ray.method.buffer import FakeSampleBuffer
+from apex_ray.method.ema import EMA
+from apex_ray.method.objective import APEXObjective, FlowMatchingObjective
 
 
 def build_objective(config: Config) -> APEXObjective | FlowMatchingObjective:

@@ -6,21 +6,21 @@ Typical use::
     model = build_backbone("sana-tiny", caption_channels=encoder.embed_dim)
     velocity = model(x_t, t, encoder.encode(captions))
 """
-from apex_ray.backbones.base import VelocityModel
-from apex_ray.backbones.presets import (
+from apex_ray.models.base import VelocityModel
+from apex_ray.models.presets import (
     BACKBONE_PRESETS,
     BackbonePreset,
     build_backbone,
     get_backbone_preset,
     load_backbone,
 )
-from apex_ray.backbones.qwen_image import QwenImageVelocityModel
-from apex_ray.backbones.sana import SanaVelocityModel
-from apex_ray.backbones.text_encoders import (
+from apex_ray.models.qwen_image import QwenImageVelocityModel
+from apex_ray.models.sana import SanaVelocityModel
+from apex_ray.models.text_encoders import (
     TEXT_ENCODER_PRESETS,
     TextEncoder,
-    bundled_minilm_path,
     build_text_encoder,
+    bundled_minilm_path,
 )
 
 __all__ = [

@@ -15,13 +15,21 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
+    get_optimizer_state_dict,
     get_state_dict,
     set_model_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+
+from apex_ray.models.lora import (
+    TRAINED_ADAPTER,
+    AdapterEMA,
+    adapter_state_dict,
+    load_adapter_tensors,
+)
 
 EXTRA_FILE = "extra_rank{rank}.pt"
 RUN_FILE = "apex_run.json"  # the resolved training config and the backbone's exact diffusers config
@@ -50,6 +58,31 @@ class TrainingState(Stateful):
                        optim_state_dict=state["optimizer"])
         if self.ema is not None:
             set_model_state_dict(self.ema, state["ema"])
+
+
+class LoRATrainingState(Stateful):
+    """Adapters + optimiser + adapter EMA as one DCP ``Stateful``: the frozen base is not saved.
+
+    Same interface as :class:`TrainingState`, so ``save_checkpoint`` /
+    ``load_checkpoint`` take it unchanged. On resume the base comes from ``config.model.pretrained``.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: AdapterEMA | None) -> None:
+        self.model, self.optimizer, self.ema = model, optimizer, ema
+
+    def state_dict(self) -> dict[str, Any]:
+        complete_optimizer_state(self.optimizer)
+        state = {"adapter": adapter_state_dict(self.model, (TRAINED_ADAPTER,)),
+                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_adapter_tensors(self.model, state["adapter"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
 
 
 def complete_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -103,12 +136,6 @@ def load_checkpoint(directory: str | os.PathLike, state: TrainingState) -> dict[
     extra = torch.load(source, weights_only=False)
     extra["from_rank"] = _rank() if own.exists() else 0
     return extra
-
-
-def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded weights on CPU, on rank 0 (other ranks get ``{}``); a collective under FSDP."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(module, options=options)
 
 
 def write_run_description(directory: str | os.PathLike, config, backbone_config: dict[str, Any]) -> None:

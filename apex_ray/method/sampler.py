@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from apex_ray.conditioning import Conditioning
-from apex_ray.objective import VelocityFn
-from apex_ray.transport import f_x, f_z
+from apex_ray.method.conditioning import Conditioning, VelocityFn
+from apex_ray.method.transport import f_x, f_z
 
 
 @dataclass(frozen=True)

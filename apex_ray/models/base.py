@@ -7,7 +7,7 @@ and the trainer see a single signature:
 - ``x_t``: latent ``[B, C, H, W]`` with ``C == latent_channels``;
 - ``t``: float ``[B]`` flow time, 1 = noise, 0 = data, ``x_t = t z + (1 - t) x``. APEX feeds
   shifted times (``a t + b``, e.g. negative or above 1), so no wrapper clamps or checks it;
-- ``cond``: a :class:`~apex_ray.conditioning.Conditioning` (token embeddings, mask, pooled);
+- ``cond``: a :class:`~apex_ray.method.conditioning.Conditioning` (token embeddings, mask, pooled);
 - returns the velocity ``v = z - x`` ``[B, C, H, W]`` (diffusers' FlowMatch ``noise - x0``).
 """
 from __future__ import annotations
@@ -19,8 +19,12 @@ from typing import ClassVar
 
 import torch
 from diffusers import ModelMixin
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
 
-from apex_ray.conditioning import Conditioning
+from apex_ray.method.conditioning import Conditioning
 
 BACKBONE_FILE = "apex_backbone.json"
 """Written next to the diffusers weights; records what the diffusers config does not."""
@@ -70,7 +74,7 @@ class VelocityModel(torch.nn.Module, ABC):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "VelocityModel":
-        """Load what :meth:`save_pretrained` wrote (use :func:`~apex_ray.backbones.load_backbone`
+        """Load what :meth:`save_pretrained` wrote (use :func:`~apex_ray.models.load_backbone`
         when the family is not known in advance)."""
         meta = read_backbone_file(path)
         if meta["family"] != cls.family:
@@ -93,3 +97,9 @@ def flow_time(t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     Deliberately no clamping: APEX's shifted branch evaluates the network at ``a t + b``.
     """
     return t.to(device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded weights on CPU, on rank 0 (other ranks get ``{}``); a collective under FSDP."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=options)

@@ -24,12 +24,15 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 
-from apex_ray.conditioning import Conditioning
-from apex_ray.training import Batch
+from apex_ray.method.batch import Batch
+from apex_ray.method.buffer import FakeSampleBuffer
+from apex_ray.method.conditioning import Conditioning
 
 MANIFEST = "manifest.json"
 PREPARED_SET = "prepared_set"
 """The manifest's ``kind`` of a prepared set."""
+FAKE_BUFFER = "fake_buffer"
+"""The manifest's ``kind`` of a fake-sample buffer (``python -m data_pipelines.fake_buffer``)."""
 EMPTY_PROMPT = "empty_prompt.safetensors"
 REJECTS = "rejects.parquet"
 TRAINING_COLUMNS = ("latent", "text_embeds", "text_mask", "pooled")
@@ -70,7 +73,7 @@ def prepared_dataset(path: str | os.PathLike, columns: list[str] | None = None, 
 
 
 def to_training_batch(batch: Mapping[str, np.ndarray | torch.Tensor]) -> Batch:
-    """A :class:`~apex_ray.training.Batch` from a batch of prepared rows (``iter_torch_batches`` or
+    """A :class:`~apex_ray.engine.step.Batch` from a batch of prepared rows (``iter_torch_batches`` or
     ``iter_batches``): latents float32 ``[B, C, H, W]``, embeddings float32, mask int64."""
     return Batch(as_tensor(batch["latent"]).float(), to_conditioning(batch))
 
@@ -163,3 +166,21 @@ def tensor_columns(schema: pa.Schema) -> dict[str, dict[str, Any]]:
             continue
         info[field.name] = {"shape": shape, "dtype": str(np.dtype(value_type.to_pandas_dtype()))}
     return info
+
+
+def load_fake_buffer(path: str | os.PathLike, buffer: FakeSampleBuffer, limit: int | None = None,
+                     chunk: int = 1024) -> int:
+    """Push the first ``limit`` samples (all by default) of the buffer at ``path``, with their
+    conditioning, into ``buffer`` (oldest first, so a smaller FIFO keeps the last ones); returns
+    how many were pushed. Needs only pyarrow."""
+    manifest = read_manifest(path)
+    if manifest.get("kind") != FAKE_BUFFER:
+        raise ValueError(f"{str(path)!r} is not a fake-sample buffer (kind {manifest.get('kind')!r}); "
+                         "make one with `python -m data_pipelines.fake_buffer`")
+    columns = ["sample", "text_embeds", "text_mask"] + (["pooled"] if manifest.get("pooled_shape") else [])
+    rows = read_rows(path, columns, limit)
+    count = len(rows["sample"])
+    for start in range(0, count, chunk):
+        part = {name: values[start:start + chunk] for name, values in rows.items()}
+        buffer.push(as_tensor(part["sample"]).float(), to_conditioning(part))
+    return count

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from apex_ray.conditioning import Conditioning
+from apex_ray.method.conditioning import Conditioning
 
 
 class FakeSampleBuffer:

@@ -10,9 +10,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from apex_ray.conditioning import Conditioning
+from apex_ray.method.batch import Batch
+from apex_ray.method.conditioning import Conditioning
 from apex_ray.shapeeval import generate_pairs, images_to_tensor
-from apex_ray.training import Batch
 
 
 def encode_captions(encode: Callable[[list[str]], Conditioning], captions: list[str],

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from diffusers import QwenImageTransformer2DModel
 
-from apex_ray.backbones.base import VelocityModel, flow_time
-from apex_ray.conditioning import Conditioning
+from apex_ray.method.conditioning import Conditioning
+from apex_ray.models.base import VelocityModel, flow_time
 
 QWEN_IMAGE_CONFIGS: dict[str, dict] = {
     # A ~2M-parameter Qwen-Image for CPU runs on 32x32 RGB pixels (identity codec): 3 channels

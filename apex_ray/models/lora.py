@@ -11,7 +11,7 @@ Order of use (before sharding; FSDP2 then shards base and both adapters alike)::
     ema = AdapterEMA(model, decay, warmup)              # add "ema", a copy of "default"
     parallelize(model, ...)                             # FSDP2 per block, then the root
     optimizer = build_optimizer(model, ...)             # only "default" requires grad
-    state = LoRATrainingState(model, optimizer, ema)    # checkpoints hold adapters, not the base
+    state = LoRATrainingState(model, optimizer, ema)    # engine.checkpointing: adapters only, not the base
 
 Adapters are saved in the diffusers/peft LoRA format that ``SanaPipeline.load_lora_weights`` /
 ``QwenImagePipeline.load_lora_weights`` read (:func:`save_adapter`); :func:`save_merged` writes one
@@ -33,22 +33,18 @@ from diffusers.loaders import QwenImageLoraLoaderMixin, SanaLoraLoaderMixin
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
+from pydantic import BaseModel, ConfigDict, Field
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
 )
-from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from apex_ray.backbones import VelocityModel
-from apex_ray.checkpointing import complete_optimizer_state, full_state_dict
-from apex_ray.conditioning import Conditioning
-from apex_ray.config import LoRAConfig
-from apex_ray.ema import warmup_decay
+from apex_ray.method.conditioning import Conditioning
+from apex_ray.method.ema import warmup_decay
+from apex_ray.models.base import VelocityModel, full_state_dict
 
 TRAINED_ADAPTER = "default"
 """peft's name for the adapter the optimiser trains."""
@@ -57,6 +53,23 @@ EMA_ADAPTER = "ema"
 
 LORA_LOADERS = {"sana": SanaLoraLoaderMixin, "qwen-image": QwenImageLoraLoaderMixin}
 """The diffusers pipeline mixin whose ``save_lora_weights`` / ``load_lora_weights`` fit each family."""
+
+
+class LoRAConfig(BaseModel):
+    """LoRA adapters (peft) on a frozen base; the EMA is a second adapter on the same base."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = False
+    rank: int = Field(32, gt=0)
+    alpha: float | None = Field(None, gt=0)  # None = rank (scale 1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Module-name patterns (peft target_modules) for attention, MLP and timestep-embedding projections.
+    target_modules: list[str] = Field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+        "timestep_embedder.linear_1", "timestep_embedder.linear_2",
+    ])
 
 
 @dataclass(frozen=True)
@@ -149,7 +162,7 @@ def _set_trainable(layers: list[BaseTunerLayer]) -> None:
 class AdapterEMA:
     """The EMA of the trained LoRA adapter as a second adapter ``"ema"`` on the same base.
 
-    Same interface as :class:`apex_ray.ema.EMA`: ``ema(x_t, t, cond)`` runs the model with the EMA
+    Same interface as :class:`apex_ray.method.ema.EMA`: ``ema(x_t, t, cond)`` runs the model with the EMA
     adapter (no grad, eval mode) and switches back to the trained adapter; ``update(model)`` after
     each optimiser step; ``current_decay()``; ``state_dict()`` / ``load_state_dict()``. As with
     ``EMA`` (``AveragedModel``) the first update copies the trained adapter and update ``n >= 1``
@@ -237,7 +250,7 @@ class AdapterEMA:
                 "num_updates": torch.tensor(self.num_updates)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_adapter_tensors(self.model, state["weights"])
+        load_adapter_tensors(self.model, state["weights"])
         self.num_updates = int(state["num_updates"])
 
 
@@ -254,35 +267,10 @@ def adapter_state_dict(model: torch.nn.Module,
     return {k: v for k, v in get_model_state_dict(model).items() if adapter_of(k) in adapters}
 
 
-def _load_adapter_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def load_adapter_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     result = set_model_state_dict(model, tensors, options=StateDictOptions(strict=False))
     if result.unexpected_keys:
         raise KeyError(f"adapter tensors the model does not have: {sorted(result.unexpected_keys)[:5]}")
-
-
-class LoRATrainingState(Stateful):
-    """Adapters + optimiser + adapter EMA as one DCP ``Stateful``: the frozen base is not saved.
-
-    Same interface as :class:`apex_ray.checkpointing.TrainingState`, so ``save_checkpoint`` /
-    ``load_checkpoint`` take it unchanged. On resume the base comes from ``config.model.pretrained``.
-    """
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: AdapterEMA | None) -> None:
-        self.model, self.optimizer, self.ema = model, optimizer, ema
-
-    def state_dict(self) -> dict[str, Any]:
-        complete_optimizer_state(self.optimizer)
-        state = {"adapter": adapter_state_dict(self.model, (TRAINED_ADAPTER,)),
-                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_adapter_tensors(self.model, state["adapter"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
 
 
 def gather_adapter(model: VelocityModel, adapter: str = TRAINED_ADAPTER) -> dict[str, torch.Tensor]:

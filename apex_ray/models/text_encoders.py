@@ -1,4 +1,4 @@
-"""Frozen text encoders that turn captions into :class:`~apex_ray.conditioning.Conditioning`.
+"""Frozen text encoders that turn captions into :class:`~apex_ray.method.conditioning.Conditioning`.
 
 Each preset reproduces how its image model's diffusers pipeline embeds a prompt, so that
 released backbones see the embeddings they were trained on:
@@ -26,9 +26,14 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from apex_ray.conditioning import Conditioning
+from apex_ray.method.conditioning import Conditioning
 
 QWEN_IMAGE_PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "

@@ -7,7 +7,7 @@ values may be negative or above 1) and ``cond`` a :class:`Conditioning`.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -67,6 +67,10 @@ class Conditioning:
         if all(c.pooled is not None for c in conds):
             pooled = torch.cat([c.pooled for c in conds])
         return Conditioning(torch.cat(embeds), torch.cat(masks), pooled)
+
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
+"""``velocity = model(x_t, t, cond)``: a backbone, its EMA, or any wrapper of them."""
 
 
 def shift_condition(
