@@ -48,9 +48,7 @@ from apex_ray.models import (
     load_backbone,
 )
 from apex_ray.models.base import BACKBONE_FILE
-
-VAE_CODECS = {"sana": "autoencoder-dc", "qwen-image": "autoencoder-kl-qwenimage"}
-"""The ``apex_ray.models.codecs`` codec that decodes each latent family's VAE latents."""
+from apex_ray.models.presets import vae_codec
 
 
 class SampleError(ValueError):
@@ -97,8 +95,7 @@ def sampler_config(nfe: int, order: int = 1, stochastic_ratio: float = 0.0,
     """The sampler spending exactly ``nfe`` network calls (order 2 spends ``2 * steps - 1``)."""
     if order == 2 and nfe % 2 == 0:
         raise SampleError(f"--order 2 spends 2 * steps - 1 calls, so --nfe must be odd (got {nfe})")
-    steps = nfe if order == 1 else (nfe + 1) // 2
-    return SamplerConfig(steps=steps, order=order, stochastic_ratio=stochastic_ratio, extrapolation=extrapolation)
+    return SamplerConfig.for_nfe(nfe, order, stochastic_ratio=stochastic_ratio, extrapolation=extrapolation)
 
 
 def latent_decoder(model: VelocityModel, vae: str | None, device: torch.device, dtype: torch.dtype) -> Decode:
@@ -110,7 +107,7 @@ def latent_decoder(model: VelocityModel, vae: str | None, device: torch.device, 
                           "(a VAE or pipeline folder, or hub id, e.g. the --checkpoint's teacher repo)")
     from apex_ray.models.codecs import load_codec
 
-    codec = load_codec(VAE_CODECS[model.family], vae, None if os.path.isdir(vae) else "vae", device, dtype)
+    codec = load_codec(vae_codec(model.family), vae, None if os.path.isdir(vae) else "vae", device, dtype)
     return codec.decode
 
 

@@ -28,11 +28,6 @@ SETTINGS = {
 }
 
 
-def sampler_at(nfe: int, order: int, **options) -> SamplerConfig:
-    steps = nfe if order == 1 else max(1, (nfe + 1) // 2)
-    return SamplerConfig(steps=steps, order=order if nfe > 1 else 1, **options)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="bundled:shapes-teacher")
@@ -46,7 +41,7 @@ def main() -> int:
     rows = []
     for nfe in (int(n) for n in args.nfe.split(",")):
         for order, rho, warp in itertools.product(*SETTINGS.values()):
-            config = sampler_at(nfe, order, stochastic_ratio=rho, warp=warp)
+            config = SamplerConfig.for_nfe(nfe, order, stochastic_ratio=rho, warp=warp)
             started = time.perf_counter()
             scores, _ = shapeeval_scores(model, encoder.encode, shape, config, args.images_per_prompt)
             # Order 2 spends 2 calls per step but one on the last: the real count is config.nfe.

@@ -31,10 +31,9 @@ from apex_ray.shapeeval import TASKS, evaluation_set, score_images
 def sampler_from_json(text: str | None, nfe: int) -> SamplerConfig:
     """``{"order": 2, "warp": [..]}`` applied at ``nfe`` calls (steps derived from the order)."""
     options = json.loads(text) if text else {}
-    order = options.pop("order", 1) if nfe > 1 else 1
-    steps = nfe if order == 1 else (nfe + 1) // 2
+    order = options.pop("order", 1)
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-    return SamplerConfig(steps=steps, order=order, **options)
+    return SamplerConfig.for_nfe(nfe, order, **options)
 
 
 def time_sampler(model, cond, shape, config: SamplerConfig, repeats: int) -> float:

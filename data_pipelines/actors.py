@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from apex_ray.models import build_text_encoder
+from apex_ray.models.text_encoders import encode_unique
 from apex_ray.models.codecs import load_codec
 from apex_ray.shapeeval import images_to_tensor
 from data_pipelines.decode import IMAGE_ENCODING_FAILED, TEXT_ENCODING_FAILED
@@ -64,20 +65,17 @@ class CaptionEncoder:
 
     def encode(self, captions: Sequence[str]) -> Arrays:
         """Each distinct caption is encoded once (captions repeat a lot in practice)."""
-        unique = sorted(set(captions))
-        cond = self.encoder.encode(unique)
-        position = {caption: i for i, caption in enumerate(unique)}
-        index = torch.tensor([position[caption] for caption in captions])
+        cond = encode_unique(self.encoder.encode, list(captions), chunk=len(captions) or 1)
         pad = self.max_length - cond.embeds.shape[1]
         if pad < 0:
             raise RuntimeError(f"text encoder returned {cond.embeds.shape[1]} tokens, "
                                f"more than max_length={self.max_length}")
         out = {
-            "text_embeds": torch.nn.functional.pad(cond.embeds, (0, 0, 0, pad))[index].cpu().numpy().astype(self.dtype),
-            "text_mask": torch.nn.functional.pad(cond.mask, (0, pad))[index].cpu().numpy().astype(np.int8),
+            "text_embeds": torch.nn.functional.pad(cond.embeds, (0, 0, 0, pad)).cpu().numpy().astype(self.dtype),
+            "text_mask": torch.nn.functional.pad(cond.mask, (0, pad)).cpu().numpy().astype(np.int8),
         }
         if cond.pooled is not None:
-            out["pooled"] = cond.pooled[index].cpu().numpy().astype(self.dtype)
+            out["pooled"] = cond.pooled.cpu().numpy().astype(self.dtype)
         return out
 
     def __call__(self, batch: Arrays) -> Arrays:

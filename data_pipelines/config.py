@@ -22,11 +22,8 @@ InputFormat = Literal["auto", "parquet", "image_folder", "shapeeval"]
 StorageDtype = Literal["float32", "float16"]
 
 DEFAULT_CODECS: dict[str, tuple[CodecName, str | None, str | None]] = {
-    "sana-tiny": ("pixel", None, None),
-    "qwen-image-tiny": ("pixel", None, None),
-    "sana-600m": ("autoencoder-dc", BACKBONE_PRESETS["sana-600m"].checkpoint, "vae"),
-    "sana-1600m": ("autoencoder-dc", BACKBONE_PRESETS["sana-1600m"].checkpoint, "vae"),
-    "qwen-image": ("autoencoder-kl-qwenimage", BACKBONE_PRESETS["qwen-image"].checkpoint, "vae"),
+    name: (spec.codec, None, None) if spec.codec == "pixel" else (spec.codec, spec.checkpoint, "vae")
+    for name, spec in BACKBONE_PRESETS.items()
 }
 """Backbone preset -> (codec, weights, subfolder) the model was trained with."""
 

@@ -1,7 +1,13 @@
-"""Sampling for evaluation: ShapeEval scores at a given NFE and sample grids. No Ray here."""
+"""Sampling for evaluation: ShapeEval scores at a given NFE and sample grids. No Ray here.
+
+During training every rank generates its share of the fixed ShapeEval items (:class:`EvalPrompts`)
+and rank 0 scores them and logs grids (:func:`evaluate_during_training`).
+"""
 from __future__ import annotations
 
 from typing import Callable
+
+import torch.distributed as dist
 
 import numpy as np
 import torch
@@ -9,15 +15,11 @@ from PIL import Image
 
 from apex_ray.method.conditioning import Conditioning, VelocityFn
 from apex_ray.method.sampler import SamplerConfig, sample
+from apex_ray.models.text_encoders import encode_unique
 from apex_ray.shapeeval import evaluation_set, score_images
 
 Decode = Callable[[torch.Tensor], torch.Tensor]  # latents -> images in [-1, 1], [B, 3, H, W]
 Encode = Callable[[list[str]], Conditioning]
-
-
-def sampler_for_nfe(nfe: int, **overrides) -> SamplerConfig:
-    """The default sampler spending exactly ``nfe`` calls: ``nfe`` first-order steps."""
-    return SamplerConfig(steps=nfe, order=1, **overrides)
 
 
 @torch.no_grad()
@@ -77,3 +79,58 @@ def image_grid(images: torch.Tensor, columns: int | None = None, scale: int = 4)
         grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = pixels[i]
     image = Image.fromarray(grid)
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+class EvalPrompts:
+    """The fixed ShapeEval items, encoded once; each rank generates its own share."""
+
+    def __init__(self, encode: Encode, images_per_prompt: int, rank: int = 0, world_size: int = 1) -> None:
+        self.prompts, self.seeds = evaluation_set(images_per_prompt)
+        self.captions = [p.caption for p in self.prompts]
+        self.cond = encode_unique(encode, self.captions)
+        # Every rank takes the same number of items (the last one repeated) so FSDP's
+        # collectives line up; the repeats are dropped after the gather.
+        per_rank = -(-len(self.captions) // world_size)
+        mine = list(range(rank, len(self.captions), world_size))
+        self.items = mine + [mine[-1]] * (per_rank - len(mine))
+        self.world_size = world_size
+        self._row = {caption: i for i, caption in enumerate(self.captions)}
+
+    def encode(self, captions: list[str]) -> Conditioning:
+        """The conditioning of ``captions`` (all among the evaluation captions), from the table."""
+        return self.cond.index(torch.tensor([self._row[c] for c in captions]))
+
+    def generate(self, model: VelocityFn, nfe: int, latent_shape, device, decode: Decode) -> torch.Tensor | None:
+        """All ranks call this; rank 0 gets every image in prompt order, others ``None``."""
+        images = generate(model, self.encode, [self.captions[i] for i in self.items],
+                          [self.seeds[i] for i in self.items], latent_shape, SamplerConfig.for_nfe(nfe),
+                          decode=decode, device=device)
+        if not dist.is_initialized() or self.world_size == 1:
+            return images
+        gathered = [None] * self.world_size if dist.get_rank() == 0 else None
+        dist.gather_object((self.items, images), gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        out = torch.empty(len(self.captions), *images.shape[1:])
+        for items, imgs in gathered:
+            out[torch.tensor(items)] = imgs
+        return out
+
+
+def evaluate_during_training(model: VelocityFn, prompts: EvalPrompts, score_nfe: list[int], grid_nfe: list[int],
+                             grid_size: int, latent_shape, device, decode: Decode,
+                             log_image: Callable[[Image.Image, str], None] | None, step: int) -> dict[str, float]:
+    """ShapeEval at ``score_nfe`` and sample grids at ``grid_nfe``; every rank calls, rank 0 gets the
+    metrics (others ``{}``) and logs the grids through ``log_image(image, name)``."""
+    metrics: dict[str, float] = {}
+    for nfe in sorted(set(grid_nfe) | set(score_nfe)):
+        images = prompts.generate(model, nfe, latent_shape, device, decode)
+        if images is None:
+            continue
+        if nfe in score_nfe:
+            for task, value in score_images(images, prompts.prompts).items():
+                metrics[f"shapeeval_nfe{nfe}/{task}"] = value
+        if nfe in grid_nfe and log_image is not None:
+            pick = torch.linspace(0, len(images) - 1, min(grid_size, len(images))).long()
+            log_image(image_grid(images[pick]), f"samples/nfe{nfe}/step_{step:07d}.png")
+    return metrics

@@ -102,18 +102,11 @@ class MemoryPlan:
 
 def model_sizes(config: Config) -> ModelSizes:
     """Parameter counts and activation shapes for ``config``'s backbone (built on ``meta``)."""
-    from apex_ray.models.lora import (  # peft is only needed here
-        EMA_ADAPTER,
-        AdapterEMA,
-        adapter_of,
-        apply_lora,
-    )
+    from apex_ray.engine.build import build_model
+    from apex_ray.models.lora import EMA_ADAPTER, adapter_of
 
     with torch.device("meta"):
-        model = build_backbone(config.model.backbone, **config.model.backbone_overrides)
-        if config.model.lora.enabled:
-            apply_lora(model, config.model.lora)
-            AdapterEMA(model)
+        model, _, _ = build_model(config, pretrained=False)  # the same model (and adapters) training builds
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     ema_adapter = sum(p.numel() for n, p in model.named_parameters() if adapter_of(n) == EMA_ADAPTER)

@@ -14,6 +14,7 @@ from typing import Any, Callable, ContextManager
 import torch
 
 from apex_ray.config import Config, OptimConfig
+from apex_ray.common.seeds import derive_seed
 from apex_ray.method.batch import Batch
 from apex_ray.method.buffer import FakeSampleBuffer
 from apex_ray.method.ema import EMA
@@ -92,7 +93,7 @@ class StepRunner:
         self.max_nonfinite_steps = max_nonfinite_steps
         self.grad_sync = grad_sync or (lambda enabled: contextlib.nullcontext())
         self.autocast_dtype = autocast_dtype
-        self.noise_generator = torch.Generator(self.device).manual_seed(seed * 1_000_003 + rank)
+        self.noise_generator = torch.Generator(self.device).manual_seed(derive_seed(seed, "noise", rank))
         self.structure_generator = torch.Generator().manual_seed(seed)
         self.step = 0
         self.skipped_steps = 0

@@ -11,18 +11,10 @@ import numpy as np
 import torch
 
 from apex_ray.method.batch import Batch
+from apex_ray.common.seeds import derive_seed
 from apex_ray.method.conditioning import Conditioning
+from apex_ray.models.text_encoders import encode_unique
 from apex_ray.shapeeval import generate_pairs, images_to_tensor
-
-
-def encode_captions(encode: Callable[[list[str]], Conditioning], captions: list[str],
-                    batch_size: int = 256) -> Conditioning:
-    """Encode ``captions`` in chunks, each distinct caption once."""
-    unique = sorted(set(captions))
-    parts = [encode(unique[i:i + batch_size]) for i in range(0, len(unique), batch_size)]
-    table = Conditioning.cat(parts)
-    position = {caption: i for i, caption in enumerate(unique)}
-    return table.index(torch.tensor([position[c] for c in captions]))
 
 
 class ArrayDataset:
@@ -62,7 +54,7 @@ class BatchStream:
     def __next__(self) -> Batch:
         if self.position + self.batch_size > len(self.dataset):
             self.epoch, self.position = self.epoch + 1, 0
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(derive_seed(self.seed, "epoch", self.epoch)))
         idx = order[self.position:self.position + self.batch_size]
         self.position += self.batch_size
         return Batch(self.dataset.latents[idx], self.dataset.cond.index(idx))
@@ -80,7 +72,7 @@ def shapeeval_dataset(encode: Callable[[list[str]], Conditioning], num_samples: 
     pairs = list(generate_pairs(num_samples, seed=seed, canvas=canvas))
     images = images_to_tensor(np.stack([p.image for p in pairs]))
     captions = [p.caption for p in pairs]
-    return ArrayDataset(images, encode_captions(encode, captions), captions)
+    return ArrayDataset(images, encode_unique(encode, captions), captions)
 
 
 class ShardStream:
@@ -105,7 +97,7 @@ class ShardStream:
     def _open_epoch(self) -> Iterator:
         batches = iter(self.shard.iter_torch_batches(
             batch_size=self.batch_size, drop_last=True, local_shuffle_buffer_size=self.shuffle_buffer,
-            local_shuffle_seed=self.seed * 100_003 + self.epoch,
+            local_shuffle_seed=derive_seed(self.seed, "epoch", self.epoch),
         ))
         for _ in range(self.position):  # resume inside an epoch
             next(batches)

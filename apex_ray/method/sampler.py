@@ -42,6 +42,14 @@ class SamplerConfig:
         if errors:
             raise ValueError("invalid sampler config: " + "; ".join(errors))
 
+    @classmethod
+    def for_nfe(cls, nfe: int, order: int = 1, **options) -> "SamplerConfig":
+        """The sampler with the most steps that spends at most ``nfe`` network calls: ``nfe`` steps
+        for order 1, ``(nfe + 1) // 2`` for order 2 (``2 * steps - 1`` calls; even ``nfe`` leave one unused)."""
+        if nfe < 1:
+            raise ValueError(f"nfe must be >= 1, got {nfe}")
+        return cls(steps=nfe if order == 1 else (nfe + 1) // 2, order=order, **options)
+
     @property
     def nfe(self) -> int:
         """Network calls: one per step, plus a corrector call on every step but the last for order 2."""

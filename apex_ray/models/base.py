@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 from diffusers import ModelMixin
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -103,3 +104,16 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded weights on CPU, on rank 0 (other ranks get ``{}``); a collective under FSDP."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(module, options=options)
+
+
+def save_unsharded(model: VelocityModel, directory: str | os.PathLike) -> None:
+    """``model.save_pretrained(directory)`` for a model that may be sharded (FSDP2): a collective,
+    every rank takes part in the gather and rank 0 writes. The full weights are held once, on the
+    CPU, by a twin built on the meta device."""
+    weights = full_state_dict(model)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    with torch.device("meta"):
+        twin = type(model)(type(model.transformer).from_config(model.transformer.config), sample_size=model.sample_size)
+    twin.load_state_dict(weights, assign=True)
+    twin.save_pretrained(directory)

@@ -25,18 +25,20 @@ class BackbonePreset:
     text_encoder: str
     text_embed_key: str
     """Config key holding the text embedding width; set it to the encoder's ``embed_dim``."""
+    codec: str = "pixel"
+    """The :func:`~apex_ray.models.codecs.load_codec` codec its latents come from (``pixel``: none)."""
     checkpoint: str | None = None
-    """Hub id of released diffusers weights (a ``transformer/`` subfolder), for reference."""
+    """Hub id of released diffusers weights (a ``transformer/`` subfolder; its ``vae/`` is the codec's)."""
 
 
 BACKBONE_PRESETS: dict[str, BackbonePreset] = {
     "sana-tiny": BackbonePreset(SanaVelocityModel, SANA_CONFIGS["sana-tiny"], "minilm", "caption_channels"),
     "sana-600m": BackbonePreset(
-        SanaVelocityModel, SANA_CONFIGS["sana-600m"], "gemma", "caption_channels",
+        SanaVelocityModel, SANA_CONFIGS["sana-600m"], "gemma", "caption_channels", "autoencoder-dc",
         "Efficient-Large-Model/Sana_600M_512px_diffusers",
     ),
     "sana-1600m": BackbonePreset(
-        SanaVelocityModel, SANA_CONFIGS["sana-1600m"], "gemma", "caption_channels",
+        SanaVelocityModel, SANA_CONFIGS["sana-1600m"], "gemma", "caption_channels", "autoencoder-dc",
         "Efficient-Large-Model/Sana_1600M_512px_diffusers",
     ),
     "qwen-image-tiny": BackbonePreset(
@@ -44,13 +46,21 @@ BACKBONE_PRESETS: dict[str, BackbonePreset] = {
     ),
     "qwen-image": BackbonePreset(
         QwenImageVelocityModel, QWEN_IMAGE_CONFIGS["qwen-image"], "qwen2.5-vl", "joint_attention_dim",
-        "Qwen/Qwen-Image",
+        "autoencoder-kl-qwenimage", "Qwen/Qwen-Image",
     ),
 }
 
 _FAMILIES: dict[str, type[VelocityModel]] = {
     cls.family: cls for cls in (SanaVelocityModel, QwenImageVelocityModel)
 }
+
+
+def vae_codec(family: str) -> str:
+    """The VAE codec of a latent backbone family (``sana`` -> ``autoencoder-dc``), from the presets."""
+    for spec in BACKBONE_PRESETS.values():
+        if spec.model_class.family == family and spec.codec != "pixel":
+            return spec.codec
+    raise ValueError(f"no preset of family {family!r} has a VAE codec")
 
 
 def get_backbone_preset(name: str) -> BackbonePreset:

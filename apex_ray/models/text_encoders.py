@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 from transformers import (
@@ -149,6 +150,16 @@ class QwenVLEncoder(TextEncoder):
             embeds[row, : k.shape[0]] = k
             out_mask[row, : k.shape[0]] = 1
         return embeds, out_mask
+
+
+def encode_unique(encode: Callable[[list[str]], Conditioning], captions: Sequence[str],
+                  chunk: int = 256) -> Conditioning:
+    """``encode(captions)`` with each distinct caption encoded once, in chunks of ``chunk``; rows in
+    the order of ``captions`` (captions repeat a lot: ShapeEval, evaluation prompts, real sets)."""
+    unique = sorted(set(captions))
+    table = Conditioning.cat([encode(unique[i:i + chunk]) for i in range(0, len(unique), chunk)])
+    position = {caption: i for i, caption in enumerate(unique)}
+    return table.index(torch.tensor([position[c] for c in captions], dtype=torch.long))
 
 
 @dataclass(frozen=True)

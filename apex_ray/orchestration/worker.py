@@ -1,12 +1,12 @@
-"""The Ray Train worker: build, shard, resume, train, evaluate, checkpoint, export.
+"""The Ray Train worker: build -> stream -> resume -> loop -> evaluate-if-due -> checkpoint-if-due.
 
-Runs on every worker of the ``TorchTrainer``. The optimisation step itself lives in
-``apex_ray.engine.step``; this module wires it to Ray Train (context, checkpoints, reports),
-torch.distributed (FSDP2/DDP, gathers) and MLflow (rank 0 only).
+Runs on every worker of the ``TorchTrainer``. What is built comes from
+:func:`apex_ray.engine.build.build_training`; the optimisation step is
+:class:`apex_ray.engine.step.StepRunner`; this module wires them to Ray Train (context, dataset
+shard, checkpoints, reports), torch.distributed (metric means, gathers) and MLflow (rank 0).
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -14,117 +14,23 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
-import torch
-import torch.distributed as dist
 
+from apex_ray.common.seeds import derive_seed
 from apex_ray.config import Config
-from apex_ray.engine.checkpointing import (
-    TrainingState,
-    full_state_dict,
-    load_checkpoint,
-    save_checkpoint,
-    write_run_description,
-)
-from apex_ray.engine.evaluation import generate, image_grid, sampler_for_nfe
-from apex_ray.engine.parallel import (
-    apply_fsdp,
-    gradient_sync,
-    mixed_precision_dtype,
-    parallelize,
-    unwrap,
-)
+from apex_ray.engine.build import Training, backbone_config, build_training
+from apex_ray.engine.checkpointing import load_checkpoint, save_checkpoint, write_run_description
+from apex_ray.engine.collectives import all_reduce_mean
+from apex_ray.engine.evaluation import EvalPrompts, evaluate_during_training
+from apex_ray.engine.export import export_weights
 from apex_ray.engine.prepared import load_fake_buffer, read_manifest, to_training_batch
-from apex_ray.engine.step import (
-    NonFiniteLossError,
-    StepRunner,
-    build_lr_scheduler,
-    build_objective,
-    build_optimizer,
-)
+from apex_ray.engine.step import NonFiniteLossError
 from apex_ray.engine.streams import BatchStream, ShardStream, shapeeval_dataset
-from apex_ray.method.conditioning import Conditioning
-from apex_ray.method.ema import EMA
-from apex_ray.models import build_backbone, build_text_encoder
+from apex_ray.models import build_text_encoder
 from apex_ray.models.codecs import load_codec
-from apex_ray.models.lora import (
-    EMA_ADAPTER,
-    TRAINED_ADAPTER,
-    AdapterEMA,
-    LoRATrainingState,
-    apply_lora,
-    save_adapter,
-    save_merged,
-)
 from apex_ray.orchestration.tracking import RunLogger
-from apex_ray.shapeeval import evaluation_set, score_images
 
-# Metrics averaged over ranks before they are reported (the rest are rank 0's).
 AVERAGED_METRICS = ("loss", "loss_path", "loss_adv", "loss_shift", "loss_endpoint")
-
-
-def _all_ranks_mean(metrics: dict[str, float]) -> dict[str, float]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return metrics
-    keys = [k for k in AVERAGED_METRICS if k in metrics]
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    return {**metrics, **dict(zip(keys, (values / dist.get_world_size()).tolist()))}
-
-
-class EvalPrompts:
-    """The fixed ShapeEval items, encoded once; each rank generates its own share."""
-
-    def __init__(self, encoder, images_per_prompt: int, rank: int, world_size: int) -> None:
-        self.prompts, self.seeds = evaluation_set(images_per_prompt)
-        captions = [p.caption for p in self.prompts]
-        unique = sorted(set(captions))
-        table = encoder.encode(unique)
-        self._row = {caption: i for i, caption in enumerate(unique)}
-        self._table = table
-        # Every rank takes the same number of items (the last one repeated) so FSDP's
-        # collectives line up; the repeats are dropped after the gather.
-        per_rank = -(-len(captions) // world_size)
-        mine = list(range(rank, len(captions), world_size))
-        self.items = mine + [mine[-1]] * (per_rank - len(mine))
-        self.captions = captions
-        self.world_size = world_size
-
-    def encode(self, captions: list[str]) -> Conditioning:
-        return self._table.index(torch.tensor([self._row[c] for c in captions]))
-
-    def generate(self, model, nfe: int, latent_shape, device, decode) -> torch.Tensor | None:
-        """All ranks call this; rank 0 gets every image in prompt order, others ``None``."""
-        images = generate(model, self.encode, [self.captions[i] for i in self.items],
-                          [self.seeds[i] for i in self.items], latent_shape, sampler_for_nfe(nfe),
-                          decode=decode, device=device)
-        if not dist.is_initialized() or self.world_size == 1:
-            return images
-        gathered = [None] * self.world_size if dist.get_rank() == 0 else None
-        dist.gather_object((self.items, images), gathered, dst=0)
-        if dist.get_rank() != 0:
-            return None
-        out = torch.empty(len(self.captions), *images.shape[1:])
-        for items, imgs in gathered:
-            out[torch.tensor(items)] = imgs
-        return out
-
-
-def evaluate(model, prompts: EvalPrompts, config: Config, latent_shape, device, step: int,
-             logger: RunLogger | None, decode) -> dict[str, float]:
-    """Sample grids at ``eval.grid_nfe`` and ShapeEval at ``eval.score_nfe`` (rank 0 logs them)."""
-    metrics: dict[str, float] = {}
-    model.eval()
-    for nfe in sorted(set(config.eval.grid_nfe) | set(config.eval.score_nfe)):
-        images = prompts.generate(model, nfe, latent_shape, device, decode)
-        if images is None:
-            continue
-        if nfe in config.eval.score_nfe:
-            for task, value in score_images(images, prompts.prompts).items():
-                metrics[f"shapeeval_nfe{nfe}/{task}"] = value
-        if nfe in config.eval.grid_nfe and logger is not None:
-            pick = torch.linspace(0, len(images) - 1, min(config.eval.grid_size, len(images))).long()
-            logger.log_image(image_grid(images[pick]), f"samples/nfe{nfe}/step_{step:07d}.png")
-    return metrics
+"""Metrics averaged over ranks before they are reported (the rest are rank 0's)."""
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -135,113 +41,91 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     progress = loop_config.get("progress_queue")
 
-    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+    # build
     prepared = loop_config.get("prepared_path")
     manifest = read_manifest(prepared) if prepared else None
     encoder = _text_encoder(config, manifest)
-    overrides = dict(config.model.backbone_overrides)
-    if config.model.pretrained is None and config.model.backbone.endswith("-tiny"):
-        overrides.setdefault("caption_channels" if "sana" in config.model.backbone else "joint_attention_dim",
-                             encoder.embed_dim)
-    backbone = build_backbone(config.model.backbone, config.model.pretrained, **overrides).to(device)
-    latent_shape = (backbone.latent_channels, backbone.sample_size, backbone.sample_size)
+    training = build_training(config, device, rank, text_embed_dim=encoder.embed_dim)
+    runner, latent_shape = training.runner, training.latent_shape
+    if training.lora is not None:
+        _say(progress, rank, str(training.lora))
     if manifest is not None and tuple(manifest["latent_shape"]) != latent_shape:
         raise ValueError(f"the prepared set {prepared} holds latents of shape {manifest['latent_shape']} but "
                          f"{config.model.backbone} takes {list(latent_shape)}; prepare the data for this backbone")
 
-    compute_dtype = mixed_precision_dtype(config.distributed.mixed_precision, device)
-    lora = config.model.lora.enabled
-    if lora:  # frozen base, trainable adapter; the EMA is a second adapter on the same base
-        _say(progress, rank, str(apply_lora(backbone, config.model.lora)))
-        ema = AdapterEMA(backbone, config.ema.decay, config.ema.warmup)
-    else:
-        ema = EMA(backbone, config.ema.decay, config.ema.warmup)  # built before sharding, then sharded alike
-    model = parallelize(backbone, backbone.blocks(), config.distributed.strategy, device, compute_dtype,
-                        config.distributed.activation_checkpointing)
-    if config.distributed.strategy == "fsdp" and not lora:
-        apply_fsdp(ema.module, ema.module.blocks(), compute_dtype)
-    optimizer = build_optimizer(model, config.optim)
-    runner = StepRunner(
-        model, ema, build_objective(config), optimizer, build_lr_scheduler(
-            optimizer, config.optim.warmup_steps, config.optim.decay, config.train.steps, config.optim.min_lr_ratio
-        ),
-        grad_clip=config.optim.grad_clip, seed=config.train.seed, rank=rank, device=device,
-        max_nonfinite_steps=config.train.max_nonfinite_steps, grad_sync=gradient_sync(model),
-        autocast_dtype=compute_dtype if config.distributed.strategy != "fsdp" else None,
-    )
-    state = LoRATrainingState(model, optimizer, ema) if lora else TrainingState(model, optimizer, ema)
-
-    stream_seed = config.train.seed * 7919 + rank
+    # stream
+    stream_seed = derive_seed(config.train.seed, "data", rank)
     if manifest is None:
         dataset = shapeeval_dataset(encoder.encode, config.data.num_samples, config.data.seed, config.data.image_size)
         stream = BatchStream(dataset.shard(rank, world_size), config.micro_batch, seed=stream_seed)
     else:
         stream = ShardStream(ray.train.get_dataset_shard("train"), config.micro_batch, stream_seed, to_training_batch)
-    prompts = EvalPrompts(encoder, config.eval.images_per_prompt, rank, world_size)
+    prompts = EvalPrompts(encoder.encode, config.eval.images_per_prompt, rank, world_size)
     decode = _decoder(manifest, device)
     del encoder  # captions are encoded; free the text encoder's memory for training
 
+    # resume
     checkpoint = ray.train.get_checkpoint()
-    resumed = checkpoint is not None
-    if config.objective.seed_buffer and runner.buffer is not None and not resumed:
-        pushed = load_fake_buffer(config.objective.seed_buffer, runner.buffer)
-        _say(progress, rank, f"fake-sample buffer seeded with {pushed} samples from {config.objective.seed_buffer}")
-    if resumed:
+    if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            extra = load_checkpoint(directory, state)
+            extra = load_checkpoint(directory, training.state)
         runner.load_extra_state(extra["runner"])
         if extra["world_size"] == world_size:
             stream.load_state_dict(extra["data"])
         else:  # resharded: a new data order from the next epoch, per-rank noise re-seeded
             stream.epoch = extra["data"]["epoch"] + 1
-            runner.noise_generator.manual_seed(config.train.seed * 1_000_003 + rank + 7 * runner.step)
+            runner.noise_generator.manual_seed(derive_seed(config.train.seed, "noise", rank, "resharded", runner.step))
         _say(progress, rank, f"resumed from step {runner.step} ({extra['world_size']} -> {world_size} workers)")
+    elif config.objective.seed_buffer and runner.buffer is not None:
+        pushed = load_fake_buffer(config.objective.seed_buffer, runner.buffer)
+        _say(progress, rank, f"fake-sample buffer seeded with {pushed} samples from {config.objective.seed_buffer}")
 
-    total, accum = config.train.steps, config.grad_accum_steps
+    # loop
+    schedule = config.train
     started, start_step = time.perf_counter(), runner.step
-    while runner.step < total:
-        step = runner.step + 1
-        if config.debug.crash_worker_at_step == step and rank == world_size - 1 and not resumed:
-            _crash_once(Path(config.output_dir) / ".crash_drill_done")
-        aborted = False
+    while runner.step < schedule.steps:
         try:
-            metrics = runner.train_step([next(stream) for _ in range(accum)])
+            metrics = runner.train_step([next(stream) for _ in range(config.grad_accum_steps)])
+            aborted = False
         except NonFiniteLossError as err:
             metrics, aborted = {"aborted": 1.0, "skipped_steps": float(runner.skipped_steps)}, True
             _say(progress, rank, f"aborting: {err}")
-        metrics = _all_ranks_mean(metrics) if not aborted else metrics
-        last = runner.step >= total or aborted
-        if not aborted and (runner.step % config.train.eval_every == 0 or last):
-            metrics.update(evaluate(ema, prompts, config, latent_shape, device, runner.step, logger, decode))
-        if runner.step % config.train.log_every == 0 or last or runner.step % config.train.checkpoint_every == 0:
-            metrics["step"] = runner.step
-            if logger is not None:
-                logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, runner.step)
-                _say(progress, rank, _progress_line(metrics, runner.step, total, start_step, started,
-                                                    config.train.global_batch))
-            if runner.step % config.train.checkpoint_every == 0 or last:
-                extra = {"runner": runner.extra_state(), "data": stream.state_dict(), "world_size": world_size}
-                with tempfile.TemporaryDirectory() as directory:
-                    save_checkpoint(directory, state, extra)
-                    if rank == 0:  # what `python -m apex_ray.export` needs to rebuild the model
-                        write_run_description(directory, config, _backbone_shape_overrides(unwrap(model)))
-                    if last and not aborted:
-                        (_export_lora if lora else _export)(model, ema, config, Path(directory) / "export", rank)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                                     checkpoint_dir_name=f"step_{runner.step:07d}")
-            else:
-                ray.train.report(metrics)
+        step, last = runner.step, runner.step >= schedule.steps or aborted
+        if not aborted:
+            metrics.update(all_reduce_mean({k: metrics[k] for k in AVERAGED_METRICS if k in metrics}))
+        if not aborted and (step % schedule.eval_every == 0 or last):
+            metrics.update(evaluate_during_training(
+                training.ema, prompts, config.eval.score_nfe, config.eval.grid_nfe, config.eval.grid_size,
+                latent_shape, device, decode, logger.log_image if logger else None, step))
+        checkpoint_due = step % schedule.checkpoint_every == 0 or last
+        if not (checkpoint_due or step % schedule.log_every == 0):
+            continue
+        metrics["step"] = step
+        if logger is not None:
+            logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+            _say(progress, rank, _progress_line(metrics, step, schedule.steps, start_step, started,
+                                                schedule.global_batch))
+        if checkpoint_due:
+            _checkpoint_and_report(training, stream, metrics, rank, world_size, export=last and not aborted)
+        else:
+            ray.train.report(metrics)
         if aborted:
             return
 
 
-def _crash_once(marker: Path) -> None:
-    """Fault drill: this worker process dies, once per output folder (the marker survives restarts)."""
-    if marker.exists():
-        return
-    marker.touch()
-    time.sleep(2)  # like a real crash, not in the same instant as the last report reaches the controller
-    os._exit(1)
+def _checkpoint_and_report(training: Training, stream, metrics: dict[str, float], rank: int, world_size: int,
+                           export: bool) -> None:
+    """Every rank writes its shards (and at the end the exported weights) and reports them to Ray Train."""
+    runner = training.runner
+    extra = {"runner": runner.extra_state(), "data": stream.state_dict(), "world_size": world_size}
+    with tempfile.TemporaryDirectory() as directory:
+        save_checkpoint(directory, training.state, extra)
+        if rank == 0:  # what `python -m apex_ray.export` needs to rebuild the model
+            write_run_description(directory, training.config, backbone_config(training.backbone))
+        if export:
+            export_weights(training, Path(directory) / "export")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=f"step_{runner.step:07d}")
 
 
 def _text_encoder(config: Config, manifest: dict | None):
@@ -261,31 +145,6 @@ def _decoder(manifest: dict | None, device):
     spec = manifest["codec"]
     codec = load_codec(spec["name"], spec.get("path"), spec.get("subfolder"), device=device)
     return codec.decode
-
-
-def _export(model, ema: EMA, config: Config, directory: Path, rank: int) -> None:
-    """Unsharded EMA and student weights in diffusers format (``save_pretrained``), on rank 0."""
-    for name, module in (("ema", ema.module), ("student", unwrap(model))):
-        weights = full_state_dict(module)  # a collective: every rank takes part
-        if rank == 0:
-            fresh = build_backbone(config.model.backbone, None, **_backbone_shape_overrides(module))
-            fresh.load_state_dict(weights)
-            fresh.save_pretrained(directory / name)
-
-
-def _export_lora(model, ema: AdapterEMA, config: Config, directory: Path, rank: int) -> None:
-    """Both adapters in diffusers LoRA format (``lora/ema``, ``lora/student``) and each merged into
-    the base (``ema``, ``student``: what ``load_backbone`` and ``apex_ray.sample`` read). Collectives."""
-    backbone = unwrap(model)
-    for name, adapter in (("ema", EMA_ADAPTER), ("student", TRAINED_ADAPTER)):
-        save_adapter(backbone, directory / "lora" / name, adapter)
-        save_merged(backbone, directory / name, adapter)
-
-
-def _backbone_shape_overrides(module) -> dict[str, Any]:
-    """The exact diffusers config of ``module`` (so the export rebuilds the same architecture)."""
-    config = dict(module.transformer.config)
-    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def _progress_line(metrics: dict[str, float], step: int, total: int, start_step: int, started: float,
