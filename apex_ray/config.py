@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from apex_ray.method.objective import APEXConfig, FlowMatchingConfig
 from apex_ray.models.lora import LoRAConfig
@@ -110,10 +110,12 @@ class EvalConfig(_Section):
     images_per_prompt: int = Field(1, gt=0)
     grid_size: int = Field(16, gt=0)  # images in each logged sample grid
 
-
-class DebugConfig(_Section):
-    crash_worker_at_step: int | None = Field(None, gt=0)  # fault drill: the last rank exits at this step
-                                                            # on the first attempt (tests FailureConfig)
+    @field_validator("grid_nfe", "score_nfe")
+    @classmethod
+    def _positive_nfe(cls, values: list[int]) -> list[int]:
+        if any(nfe < 1 for nfe in values):
+            raise ValueError("every NFE must be >= 1 (one network call at least)")
+        return values
 
 
 class Config(_Section):
@@ -126,13 +128,37 @@ class Config(_Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    debug: DebugConfig = Field(default_factory=DebugConfig)
     output_dir: str = "runs/apex"
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> "Config":
-        from apex_ray.assets import BUNDLED_MODELS
+    def _check_consistency(self, info: ValidationInfo) -> "Config":
+        self._check_presets()
+        workers = 1 if self.distributed.strategy == "single" else self.distributed.num_workers
+        if self.distributed.strategy == "single" and self.distributed.num_workers != 1:
+            raise ValueError("distributed.strategy=single needs distributed.num_workers=1")
+        micro = self.train.micro_batch or max(1, self.train.global_batch // workers)
+        if self.train.global_batch % (micro * workers):
+            raise ValueError(
+                f"train.global_batch={self.train.global_batch} is not divisible by "
+                f"train.micro_batch={micro} x distributed.num_workers={workers}"
+            )
+        if self.data.source == "prepared" and not self.data.path:
+            raise ValueError("data.path is required when data.source=prepared")
+        if (info.context or {}).get("check_files", True):
+            self._check_files()
+        return self
 
+    def _check_presets(self) -> None:
+        from apex_ray.assets import BUNDLED_MODELS
+        from apex_ray.models.presets import BACKBONE_PRESETS
+        from apex_ray.models.text_encoders import TEXT_ENCODER_PRESETS
+
+        if self.model.backbone not in BACKBONE_PRESETS:
+            raise ValueError(f"model.backbone: unknown preset {self.model.backbone!r}; "
+                             f"valid presets: {sorted(BACKBONE_PRESETS)}")
+        if self.model.text_encoder not in TEXT_ENCODER_PRESETS:
+            raise ValueError(f"model.text_encoder: unknown preset {self.model.text_encoder!r}; "
+                             f"valid presets: {sorted(TEXT_ENCODER_PRESETS)}")
         pretrained = self.model.pretrained
         if pretrained and pretrained.startswith("bundled:"):
             if pretrained not in BUNDLED_MODELS:
@@ -146,18 +172,29 @@ class Config(_Section):
                 raise ValueError(f"model.pretrained={pretrained} is a {preset} model but model.backbone is "
                                  f"{self.model.backbone!r}; set model.pretrained to a {self.model.backbone} "
                                  "checkpoint (path or hub id), or model.pretrained=null for random init")
-        workers = 1 if self.distributed.strategy == "single" else self.distributed.num_workers
-        if self.distributed.strategy == "single" and self.distributed.num_workers != 1:
-            raise ValueError("distributed.strategy=single needs distributed.num_workers=1")
-        micro = self.train.micro_batch or max(1, self.train.global_batch // workers)
-        if self.train.global_batch % (micro * workers):
-            raise ValueError(
-                f"train.global_batch={self.train.global_batch} is not divisible by "
-                f"train.micro_batch={micro} x distributed.num_workers={workers}"
-            )
-        if self.data.source == "prepared" and not self.data.path:
-            raise ValueError("data.path is required when data.source=prepared")
-        return self
+
+    def _check_files(self) -> None:
+        """Local files the run reads must exist where it is launched. URIs (``s3://``) and hub ids
+        are left to the code that opens them; a config read back from a checkpoint skips this
+        (``context={"check_files": False}``), since its files may live on another machine."""
+        for field, value in (("model.pretrained", self.model.pretrained),
+                             ("model.text_encoder_path", self.model.text_encoder_path)):
+            if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
+                raise ValueError(f"{field}: path {value!r} does not exist")
+        seed_buffer = self.objective.seed_buffer
+        if seed_buffer and _is_local(seed_buffer) and not Path(seed_buffer).expanduser().exists():
+            raise ValueError(f"objective.seed_buffer: {seed_buffer!r} does not exist; "
+                             "make it with `python -m data_pipelines.fake_buffer`")
+        if self.data.source == "prepared" and _is_local(self.data.path) \
+                and not Path(self.data.path).expanduser().exists():
+            raise ValueError(f"data.path: prepared dataset {self.data.path!r} does not exist; "
+                             "create it with `python -m data_pipelines.prepare_latents`")
+
+    @classmethod
+    def from_run(cls, tree: dict[str, Any]) -> "Config":
+        """A config that was validated where the run was launched (a worker's copy, a checkpoint's
+        ``apex_run.json``): every check but the local-file ones."""
+        return cls.model_validate(tree, context={"check_files": False})
 
     @property
     def world_size(self) -> int:
@@ -174,6 +211,10 @@ class Config(_Section):
     def to_flat_dict(self) -> dict[str, Any]:
         """``{"optim.lr": 1e-4, ...}``: the whole resolved config, for MLflow params."""
         return dict(_flatten(self.model_dump(mode="json")))
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
 
 
 def _flatten(tree: dict[str, Any], prefix: str = ""):
@@ -201,19 +242,45 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
 
 
 def read_config_tree(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> dict[str, Any]:
-    """A YAML file (optional) as a nested dict with ``key.sub=value`` overrides applied."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {str(file)!r} does not exist")
-        loaded = yaml.safe_load(file.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(file)!r} must hold a mapping at the top level")
-        tree = loaded or {}
+    """A YAML file (optional) as a nested dict with ``key.sub=value`` overrides applied.
+
+    A file may start from another with ``base: other.yaml`` (relative to the file): it is read
+    first and this file's keys are merged over it, section by section, so a preset states only
+    what differs from its base.
+    """
+    tree = _read_yaml_with_base(Path(path), ()) if path is not None else {}
     for override in overrides:
         apply_override(tree, override)
     return tree
+
+
+def _read_yaml_with_base(file: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    if not file.is_file():
+        where = f" (the base of {str(chain[-1])!r})" if chain else ""
+        raise ConfigError(f"config file {str(file)!r}{where} does not exist")
+    if file.resolve() in chain:
+        raise ConfigError(f"config file {str(file)!r} is its own base: "
+                          + " -> ".join(str(p) for p in (*chain, file.resolve())))
+    loaded = yaml.safe_load(file.read_text())
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(file)!r} must hold a mapping at the top level")
+    tree = loaded or {}
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {str(file)!r}: base must be a file name, got {base!r}")
+    return _merge(_read_yaml_with_base(file.parent / base, (*chain, file.resolve())), tree)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and value:
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
@@ -233,5 +300,5 @@ def format_validation_error(err: ValidationError, fields_in: str = "apex_ray/con
         if item["type"] == "extra_forbidden":
             message = f"unknown key (check the spelling; see {fields_in} for the fields)"
         got = f" (got {item['input']!r})" if item["type"] != "extra_forbidden" and "input" in item and not isinstance(item["input"], dict) else ""
-        lines.append(f"  {where}: {message}{got}")
+        lines.append(f"  {message}" if where == "config" else f"  {where}: {message}{got}")
     return "invalid config:\n" + "\n".join(lines)

@@ -18,26 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from result import report  # noqa: E402
 
 from apex_ray.config import load_config
-from apex_ray.engine.step import (
-    StepRunner,
-    build_lr_scheduler,
-    build_objective,
-    build_optimizer,
-)
+from apex_ray.engine.build import build_training
 from apex_ray.method.batch import Batch
 from apex_ray.method.conditioning import Conditioning
-from apex_ray.method.ema import EMA
-from apex_ray.models import build_backbone
 
 
 def time_objective(kind: str, batch: int, steps: int, warmup: int) -> tuple[float, dict[str, float]]:
-    torch.manual_seed(0)
-    config = load_config(None, [f"objective.kind={kind}"])
-    model = build_backbone("sana-tiny", caption_channels=384)
-    ema = EMA(model, config.ema.decay) if kind == "apex" else None
-    optimizer = build_optimizer(model, config.optim)
-    runner = StepRunner(model, ema, build_objective(config), optimizer, build_lr_scheduler(optimizer, 0),
-                        grad_clip=1.0, seed=0)
+    config = load_config(None, [f"objective.kind={kind}", "model.pretrained=null", "distributed.strategy=single",
+                                "distributed.num_workers=1"])
+    runner = build_training(config, "cpu", text_embed_dim=384, distributed=False).runner
     # Synthetic inputs of the tiny preset's shapes: the cost does not depend on the values.
     data = Batch(torch.randn(batch, 3, 32, 32),
                  Conditioning(torch.randn(batch, 32, 384), torch.ones(batch, 32, dtype=torch.long)))

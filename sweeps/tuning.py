@@ -62,7 +62,7 @@ class Sweep:
     scheduler: str = "none"  # none | asha
     resume: bool = False
     verbose: bool = False
-    trial_hook: Callable[[dict], dict] | None = None  # tests: alter one trial's config tree
+    train_loop: Callable[[dict], None] | None = None  # the per-worker loop of every trial (default: train_worker)
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir).expanduser().resolve()  # Tune needs an absolute path
@@ -122,9 +122,6 @@ def build_trial_config(sweep: Sweep, label: str, overrides: dict[str, Any], trac
         tags["mlflow.parentRunId"] = parent_run_id  # nests the child under the parent in the UI
     _set(tree, "tracking.tags", tags)
     _set(tree, "output_dir", str(sweep.directory / "trials" / slug(label)))
-    if sweep.trial_hook is not None:
-        tree = sweep.trial_hook(tree | {"_label": label})
-        tree.pop("_label", None)
     try:
         return Config.model_validate(tree)
     except Exception as err:  # pydantic's message names the field
@@ -211,7 +208,8 @@ def run_trial(params: dict, sweep: Sweep, tracking_uri: str, parent_run_id: str)
     overrides = cell["overrides"] if cell else dict(params)  # optuna: params are dotted config keys
     label = trial_label(params)
     config = build_trial_config(sweep, label, overrides, tracking_uri, parent_run_id)
-    result = run(config, verbose=sweep.verbose, callbacks=[evaluation_report_callback(sweep.metric)])
+    result = run(config, verbose=sweep.verbose, callbacks=[evaluation_report_callback(sweep.metric)],
+                 train_loop=sweep.train_loop)
     # The last word: status and child run id, on top of the final evaluation.
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     score = final.get(sweep.metric, float("nan"))
@@ -276,7 +274,7 @@ def validate(sweep: Sweep) -> tuple[str, Config]:
     uri = resolve_tracking_uri(sweep.base.tracking.tracking_uri, sweep.directory)
     cells = sweep.cells or [Cell("probe", {r.key: r.low for r in sweep.search})]
     configs = [build_trial_config(sweep, c.label, c.overrides, uri, None) for c in cells]
-    preflight(configs[0])  # presets, paths, tracking server: shared by all trials
+    preflight(configs[0])  # the tracking server: shared by all trials
     return uri, configs[0]
 
 

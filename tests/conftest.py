@@ -6,9 +6,10 @@ import os
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    """A local Ray instance (2 CPUs) shared by every test that asks for it; shut down at the end."""
+    """A fresh local Ray instance for each test module that asks for one (so no module sees what
+    another left behind, whatever the order they run in); shut down after the module."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

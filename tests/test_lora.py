@@ -13,24 +13,18 @@ import torch.multiprocessing as mp
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, SanaPipeline
 from torch.distributed.tensor import DTensor
 
-from apex_ray.config import LoRAConfig, OptimConfig
-from apex_ray.engine.checkpointing import (
-    full_state_dict,
-    load_checkpoint,
-    save_checkpoint,
-)
-from apex_ray.engine.parallel import gradient_sync, parallelize
-from apex_ray.engine.step import StepRunner, build_lr_scheduler, build_optimizer
+from apex_ray.config import load_config
+from apex_ray.engine.checkpointing import load_checkpoint, save_checkpoint
+from apex_ray.engine.build import build_training
 from apex_ray.method.batch import Batch
-from apex_ray.method.buffer import FakeSampleBuffer
 from apex_ray.method.conditioning import Conditioning
-from apex_ray.method.objective import APEXConfig, APEXObjective
 from apex_ray.models import build_backbone, load_backbone
+from apex_ray.models.base import full_state_dict
 from apex_ray.models.lora import (
     EMA_ADAPTER,
     TRAINED_ADAPTER,
     AdapterEMA,
-    LoRATrainingState,
+    LoRAConfig,
     adapter_of,
     apply_lora,
     load_adapter_into,
@@ -188,14 +182,19 @@ def _batch(rank: int, step: int) -> Batch:
 
 
 def _setup(preset: str, rank: int, adapter_seed: int):
-    model = lora_model(preset, adapter_seed)
-    ema = AdapterEMA(model, decay=0.5, warmup=0.0)
-    parallelize(model, model.blocks(), "fsdp", torch.device("cpu"))
-    optimizer = build_optimizer(model, OptimConfig(lr=1e-3))
-    objective = APEXObjective(APEXConfig(), FakeSampleBuffer(16))
-    runner = StepRunner(model, ema, objective, optimizer, build_lr_scheduler(optimizer, 0), grad_clip=1.0, seed=0,
-                        rank=rank, grad_sync=gradient_sync(model))
-    return model, ema, optimizer, runner, LoRATrainingState(model, optimizer, ema)
+    """What the worker builds for a LoRA run of ``preset`` under FSDP2; ``adapter_seed`` other than 1
+    gives the same base with another adapter initialisation (scaled lora_A)."""
+    config = load_config(None, [f"model.backbone={preset}", "model.pretrained=null", "model.lora.enabled=true",
+                                "model.lora.rank=4", "model.lora.alpha=8", "ema.decay=0.5", "ema.warmup=0",
+                                "optim.lr=1e-3", "objective.buffer_size=16", "distributed.num_workers=2",
+                                "train.global_batch=4", "train.seed=0"])
+    training = build_training(config, "cpu", rank, text_embed_dim=384)
+    if adapter_seed != 1:
+        with torch.no_grad():
+            for name, param in training.backbone.named_parameters():
+                if adapter_of(name) == TRAINED_ADAPTER and "lora_A" in name:
+                    param.mul_(-0.5 * adapter_seed)
+    return training.backbone, training.ema, training.optimizer, training.runner, training.state
 
 
 def _split(weights: dict[str, torch.Tensor]):

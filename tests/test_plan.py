@@ -14,17 +14,10 @@ from apex_ray.engine.memory_plan import (
     measure_activation_constants,
     plan,
 )
-from apex_ray.engine.step import (
-    StepRunner,
-    build_lr_scheduler,
-    build_objective,
-    build_optimizer,
-)
+from apex_ray.engine.build import build_training
 from apex_ray.method.batch import Batch
 from apex_ray.method.conditioning import Conditioning
 from apex_ray.method.ema import EMA
-from apex_ray.models import build_backbone
-from apex_ray.models.lora import AdapterEMA, apply_lora
 from apex_ray.plan import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -39,18 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def measured_peak(config) -> int:
     """Peak bytes of one steady-state APEX step (the second), one CPU process: the states live
     before the step (weights, EMA, AdamW moments) plus the profiler's allocation peak during it."""
-    torch.manual_seed(0)
-    model = build_backbone(config.model.backbone)
-    if config.model.lora.enabled:
-        apply_lora(model, config.model.lora)
-        ema = AdapterEMA(model)
-    else:
-        ema = EMA(model)
-    if config.distributed.activation_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
-    optimizer = build_optimizer(model, config.optim)
-    runner = StepRunner(model, ema, build_objective(config), optimizer, build_lr_scheduler(optimizer, 0),
-                        grad_clip=1.0, seed=0)
+    training = build_training(config, "cpu", pretrained=False, distributed=False)  # what the worker builds
+    model, ema, optimizer, runner = training.backbone, training.ema, training.optimizer, training.runner
     generator = torch.Generator().manual_seed(0)
     rows, text, side = config.micro_batch, config.model.max_text_length, model.sample_size
 

@@ -132,7 +132,7 @@ def test_a_folder_without_an_export_asks_for_the_backbone(tmp_path, capsys):
 
 
 def test_lora_adapter_on_top_matches_its_merged_export(checkpoint, tmp_path):
-    from apex_ray.config import LoRAConfig
+    from apex_ray.models.lora import LoRAConfig
     from apex_ray.models import load_backbone
     from apex_ray.models.lora import apply_lora, merge_adapter, save_adapter
 

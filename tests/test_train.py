@@ -12,9 +12,10 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from apex_ray.config import load_config
-from apex_ray.export import export_checkpoint
+from apex_ray.engine.export import export_checkpoint
 from apex_ray.models import load_backbone
 from apex_ray.orchestration.launcher import run
+from faults import CrashAtStep
 
 TINY = ["train.global_batch=4", "data.num_samples=48", "eval.images_per_prompt=1", "eval.grid_size=8",
         "train.log_every=1", "train.eval_every=1000"]
@@ -70,7 +71,8 @@ def test_worker_crash_resumes_from_checkpoint_and_matches_uninterrupted_run(ray_
     common = ["train.steps=5", "train.checkpoint_every=2", "eval.grid_nfe=[]", "eval.score_nfe=[]",
               "distributed.max_failures=1", "data.source=inline-shapeeval"]
     straight = run(tiny_config(tmp_path / "a", *common, "tracking.run_name=straight"))
-    crashed = run(tiny_config(tmp_path / "b", *common, "tracking.run_name=crashed", "debug.crash_worker_at_step=4"))
+    crashed = run(tiny_config(tmp_path / "b", *common, "tracking.run_name=crashed"),
+                  train_loop=CrashAtStep(4, marker=tmp_path / "crashed-once"))  # the last rank dies once at step 4
     assert crashed.metrics["step"] == 5
     for which in ("ema", "student"):
         a, b = exported(straight, which), exported(crashed, which)

@@ -1,7 +1,5 @@
-"""Ray Tune sweeps (sweeps/): layout and option checks, then real sweeps on the shared local cluster.
-
-Named to run after test_train: the Ray Data streaming tests there should not share the cluster
-with whatever Tune left behind (seen once: a Ray Data read stalled after the sweep tests)."""
+"""Ray Tune sweeps (sweeps/): layout and option checks, then real sweeps on this module's own local
+cluster (``ray_cluster`` is module-scoped, so the order of test files does not matter)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from faults import CrashAtStep
 from sweeps import condition_shift, loss_weights
 from sweeps.tuning import (
     SweepError,
@@ -167,15 +166,10 @@ def test_2x2_grid_over_http_mlflow(ray_cluster, tmp_path, capsys, mlflow_server)
 
 @pytest.mark.slow
 def test_failing_trial_is_marked_and_the_sweep_finishes(ray_cluster, tmp_path):
-    def break_one(tree: dict) -> dict:
-        if tree["_label"] == "lp=1 le=0":
-            tree["debug"]["crash_worker_at_step"] = 1
-            tree["distributed"]["max_failures"] = 0
-        return tree
-
     sweep = loss_weights.build(loss_weights.arguments().parse_args(
         ["--ratios", "1:0,1:1", "--name", "fail", "--output-dir", str(tmp_path), *FAST]))
-    sweep.trial_hook = break_one
+    sweep.base.distributed.max_failures = 0
+    sweep.train_loop = CrashAtStep(1, run_name_suffix="lp=1 le=0")  # that trial's worker dies at step 1
     outcomes = {o.label: o for o in run_sweep(sweep)}
     assert outcomes["lp=1 le=0"].status == "failed" and outcomes["lp=1 le=0"].error
     assert outcomes["lp=1 le=1"].status == "ok" and 0.0 <= outcomes["lp=1 le=1"].overall <= 1.0

@@ -45,7 +45,7 @@ def read_run_description(checkpoint: str | Path) -> tuple[Config, dict]:
         raise FileNotFoundError(f"{checkpoint} has no {RUN_FILE}: pass a checkpoint folder "
                                 "(runs/<name>/ray/<run>/step_*), or --config with the run's config")
     described = json.loads(run_file.read_text())
-    return Config.model_validate(described["config"]), described["backbone_config"]
+    return Config.from_run(described["config"]), described["backbone_config"]
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, config: Config | None = None,

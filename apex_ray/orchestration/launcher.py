@@ -10,11 +10,10 @@ import datetime as dt
 import os
 import threading
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
-from apex_ray.config import Config, ConfigError
-from apex_ray.models import get_backbone_preset
-from apex_ray.models.text_encoders import TEXT_ENCODER_PRESETS
+from apex_ray.config import Config
 from apex_ray.orchestration.tracking import (
     RunLogger,
     check_tracking_server,
@@ -33,27 +32,10 @@ class TrainResult:
 
 
 def preflight(config: Config) -> str:
-    """Checks that need no cluster: presets exist, paths exist, tracking store reachable.
+    """The one check :func:`apex_ray.config.load_config` cannot make: the tracking store answers.
 
-    Returns the tracking URI. Raises :class:`ConfigError` / :class:`TrackingError`.
+    Returns the tracking URI. Raises :class:`TrackingError`.
     """
-    try:
-        get_backbone_preset(config.model.backbone)
-    except ValueError as err:
-        raise ConfigError(f"model.backbone: {err}") from None
-    if config.model.text_encoder not in TEXT_ENCODER_PRESETS:
-        raise ConfigError(f"model.text_encoder: unknown preset {config.model.text_encoder!r}; "
-                          f"valid presets: {sorted(TEXT_ENCODER_PRESETS)}")
-    for field, value in (("model.pretrained", config.model.pretrained),
-                         ("model.text_encoder_path", config.model.text_encoder_path)):
-        if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
-            raise ConfigError(f"{field}: path {value!r} does not exist")
-    if config.objective.seed_buffer and not Path(config.objective.seed_buffer).exists():
-        raise ConfigError(f"objective.seed_buffer: {config.objective.seed_buffer!r} does not exist; "
-                          "make it with `python -m data_pipelines.fake_buffer`")
-    if config.data.source == "prepared" and not Path(config.data.path).exists():
-        raise ConfigError(f"data.path: prepared dataset {config.data.path!r} does not exist; "
-                          "create it with `python -m data_pipelines.prepare_latents`")
     uri = resolve_tracking_uri(config.tracking.tracking_uri, config.output_dir)
     check_tracking_server(uri)
     return uri
@@ -99,10 +81,13 @@ def _print_progress(queue, stop: threading.Event) -> None:
             return
 
 
-def run(config: Config, verbose: bool = False, callbacks: list | None = None) -> TrainResult:
+def run(config: Config, verbose: bool = False, callbacks: list | None = None,
+        train_loop: Callable[[dict], None] | None = None) -> TrainResult:
     """Train with ``config`` (already validated) and return where everything went.
 
-    ``callbacks`` are Ray Train ``UserCallback``s (the sweeps pass Tune's report callback).
+    ``callbacks`` are Ray Train ``UserCallback``s (the sweeps pass Tune's report callback);
+    ``train_loop`` is the per-worker loop, :func:`apex_ray.orchestration.worker.train_worker` by
+    default (tests wrap it to inject faults).
     """
     tracking_uri = preflight(config)
     output_dir = Path(config.output_dir).resolve()
@@ -134,7 +119,7 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None) ->
     printer = threading.Thread(target=_print_progress, args=(queue, stop), daemon=True)
     printer.start()
     trainer = TorchTrainer(
-        train_worker,
+        train_loop or train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "tracking_uri": tracking_uri,
                            "run_id": logger.run_id, "progress_queue": queue,
                            "prepared_path": None if prepared is None else str(prepared)},

@@ -34,7 +34,7 @@ AVERAGED_METRICS = ("loss", "loss_path", "loss_adv", "loss_shift", "loss_endpoin
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    config = Config.model_validate(loop_config["config"])
+    config = Config.from_run(loop_config["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()

@@ -1,0 +1,53 @@
+"""Fault drills injected from tests: per-worker loops that wrap the real one and kill a worker.
+
+Production code has no test branches; a test passes one of these as ``run(..., train_loop=...)``
+(or ``Sweep.train_loop``). The module is pickled by value, so Ray workers need not import tests/.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import ray.cloudpickle
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class CrashAtStep:
+    """Run the real worker loop, but the chosen rank's process dies (``os._exit(1)``) just before
+    optimiser step ``step``: once per ``marker`` file (it survives restarts), or on every attempt
+    without one; only in runs whose name ends with ``run_name_suffix`` when that is given."""
+
+    def __init__(self, step: int, marker: str | os.PathLike | None = None, rank: int | None = None,
+                 run_name_suffix: str | None = None) -> None:
+        self.step, self.rank, self.run_name_suffix = step, rank, run_name_suffix
+        self.marker = None if marker is None else str(marker)
+
+    def __call__(self, loop_config: dict) -> None:
+        import ray.train
+
+        from apex_ray.engine.step import StepRunner
+        from apex_ray.orchestration.worker import train_worker
+
+        context = ray.train.get_context()
+        rank = context.get_world_rank()
+        target = context.get_world_size() - 1 if self.rank is None else self.rank
+        name = loop_config["config"]["tracking"]["run_name"] or ""
+        armed = rank == target and (self.run_name_suffix is None or name.endswith(self.run_name_suffix))
+        original, drill = StepRunner.train_step, self
+
+        def train_step(runner, micro_batches):
+            if armed and runner.step + 1 == drill.step and not (drill.marker and Path(drill.marker).exists()):
+                if drill.marker:
+                    Path(drill.marker).touch()
+                time.sleep(2)  # like a real crash, not in the same instant as the last report
+                os._exit(1)
+            return original(runner, micro_batches)
+
+        StepRunner.train_step = train_step
+        try:
+            train_worker(loop_config)
+        finally:
+            StepRunner.train_step = original
