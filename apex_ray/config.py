@@ -208,6 +208,16 @@ class Config(_Section):
     def grad_accum_steps(self) -> int:
         return self.train.global_batch // (self.micro_batch * self.world_size)
 
+    def with_changes(self, changes: dict[str, Any], check_files: bool = True) -> "Config":
+        """A validated copy with ``{"section.field": value}`` changes. Raises :class:`ConfigError`."""
+        tree = self.model_dump(mode="json")
+        for key, value in changes.items():
+            set_dotted(tree, key, value)
+        try:
+            return Config.model_validate(tree, context={"check_files": check_files})
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err)) from None
+
     def to_flat_dict(self) -> dict[str, Any]:
         """``{"optim.lr": 1e-4, ...}``: the whole resolved config, for MLflow params."""
         return dict(_flatten(self.model_dump(mode="json")))
@@ -225,20 +235,28 @@ def _flatten(tree: dict[str, Any], prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """``tree["a"]["b"]["c"] = value`` for ``key="a.b.c"``, making missing sections."""
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"key {key!r} has an empty part")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"key {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
 def apply_override(tree: dict[str, Any], override: str) -> None:
     """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (numbers, lists, null)."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like key.sub=value")
     key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {override!r} has an empty key part")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        set_dotted(tree, key, yaml.safe_load(raw) if raw.strip() else None)
+    except ConfigError as err:
+        raise ConfigError(f"override {override!r}: {err}") from None
 
 
 def read_config_tree(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> dict[str, Any]:
@@ -283,11 +301,17 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (optional), apply overrides, validate. Raises :class:`ConfigError`."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (),
+                check_files: bool = True) -> Config:
+    """Read a YAML file (optional), apply overrides, validate: the one gate every CLI passes.
+
+    ``check_files=False`` skips only the local-file checks, for tools that read none of the
+    files (``apex_ray.plan`` sizes a config whose data lives on the cluster).
+    Raises :class:`ConfigError`.
+    """
     tree = read_config_tree(path, overrides)
     try:
-        return Config.model_validate(tree)
+        return Config.model_validate(tree, context={"check_files": check_files})
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
 

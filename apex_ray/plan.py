@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--gpus is required (the number of workers to plan for)")
     overrides = [*args.overrides, f"distributed.num_workers={args.gpus}"]
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, check_files=False)  # reads no data
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from apex_ray.assets import resolve_pretrained
+from apex_ray.common.images import tensor_to_images
 from apex_ray.engine.evaluation import Decode, Encode, generate, image_grid
 from apex_ray.method.sampler import SamplerConfig, sample
 from apex_ray.models import (
@@ -141,8 +142,7 @@ def read_dpg_prompts(path: str) -> list[Prompt]:
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """An image in [-1, 1] ``[3, H, W]`` as 8-bit RGB."""
-    pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels)
+    return Image.fromarray(tensor_to_images(image))
 
 
 def tiles(images: torch.Tensor) -> Image.Image:

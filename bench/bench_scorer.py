@@ -10,10 +10,11 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import torch  # noqa: E402
 
+from apex_ray.common.images import images_to_tensor  # noqa: E402
+
 from apex_ray.shapeeval import (  # noqa: E402
     EVAL_PROMPTS,
     evaluation_set,
-    images_to_tensor,
     render_ground_truth,
     score_images,
 )

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from apex_ray.common.files import atomic_path
+from apex_ray.common.images import images_to_tensor
 from apex_ray.models import build_text_encoder
-from apex_ray.models.text_encoders import encode_unique
 from apex_ray.models.codecs import load_codec
-from apex_ray.shapeeval import images_to_tensor
+from apex_ray.models.text_encoders import encode_unique
 from data_pipelines.decode import IMAGE_ENCODING_FAILED, TEXT_ENCODING_FAILED
-from data_pipelines.output import atomic_path
 
 Arrays = dict[str, np.ndarray]
 EMPTY_PROMPT_TENSORS = {"embeds": "text_embeds", "mask": "text_mask", "pooled": "pooled"}

@@ -10,11 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from apex_ray.config import ConfigError, format_validation_error, read_config_tree
+from apex_ray.config import (
+    ConfigError,
+    format_validation_error,
+    read_config_tree,
+    set_dotted,
+)
 from apex_ray.models import BACKBONE_PRESETS, TEXT_ENCODER_PRESETS
 
 CodecName = Literal["pixel", "autoencoder-kl", "autoencoder-dc", "autoencoder-kl-qwenimage"]
@@ -131,24 +136,6 @@ class PrepareConfig(_Section):
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_prepare_config(path: str | os.PathLike | None = None, overrides: list[str] = (),
-                        settings: dict[str, Any] | None = None) -> PrepareConfig:
-    """Read a YAML file (optional), apply ``key.sub=value`` overrides (values parsed as YAML), then
-    ``settings`` (``{"key.sub": value}``, taken as they are, e.g. paths from CLI flags), validate.
-    Raises ConfigError."""
-    tree = read_config_tree(path, overrides)
-    for key, value in (settings or {}).items():
-        *sections, field = key.split(".")
-        node = tree
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[field] = value
-    try:
-        return PrepareConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, fields_in="data_pipelines/config.py")) from None
-
-
 class FakeBufferConfig(_Section):
     checkpoint: str  # folder written by VelocityModel.save_pretrained
     latents: str  # prepared set whose captions (text embeddings) are sampled for
@@ -159,3 +146,30 @@ class FakeBufferConfig(_Section):
     overwrite: bool = False
     sampler: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
     rows_per_shard: int = Field(4096, gt=0)
+
+
+_Job = TypeVar("_Job", PrepareConfig, FakeBufferConfig)
+
+
+def load_job_config(schema: type[_Job], path: str | os.PathLike | None = None, overrides: list[str] = (),
+                    settings: dict[str, Any] | None = None) -> _Job:
+    """Read a YAML file (optional, ``base:`` allowed), apply ``key.sub=value`` overrides (values
+    parsed as YAML), then ``settings`` (``{"key.sub": value}``, taken as they are, e.g. paths from
+    CLI flags), validate against ``schema``. Raises ConfigError."""
+    tree = read_config_tree(path, overrides)
+    for key, value in (settings or {}).items():
+        set_dotted(tree, key, value)
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, fields_in="data_pipelines/config.py")) from None
+
+
+def load_prepare_config(path: str | os.PathLike | None = None, overrides: list[str] = (),
+                        settings: dict[str, Any] | None = None) -> PrepareConfig:
+    return load_job_config(PrepareConfig, path, overrides, settings)
+
+
+def load_fake_buffer_config(path: str | os.PathLike | None = None, overrides: list[str] = (),
+                            settings: dict[str, Any] | None = None) -> FakeBufferConfig:
+    return load_job_config(FakeBufferConfig, path, overrides, settings)

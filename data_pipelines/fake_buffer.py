@@ -17,17 +17,16 @@ import logging
 import os
 import sys
 import time
-import zlib
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
-from pydantic import ValidationError
 from ray.data import ActorPoolStrategy
 
-from apex_ray.config import format_validation_error
+from apex_ray.common.seeds import derive_seed
+from apex_ray.config import ConfigError
 from apex_ray.engine.prepared import (
     FAKE_BUFFER,
     PREPARED_SET,
@@ -40,7 +39,7 @@ from apex_ray.engine.prepared import (
 from apex_ray.method.sampler import SamplerConfig, sample
 from apex_ray.models import load_backbone
 from apex_ray.models.base import read_backbone_file
-from data_pipelines.config import FakeBufferConfig
+from data_pipelines.config import FakeBufferConfig, load_fake_buffer_config
 from data_pipelines.output import WRITE_TASK_CPUS, OutputError, StagedOutput
 from data_pipelines.readers import READ_TASK_CPUS, InputError
 
@@ -66,7 +65,7 @@ class FakeSampler:
 
     def row_noise(self, row_id: str) -> torch.Tensor:
         """The starting noise of row ``row_id``: depends on (seed, id) only, not on batching."""
-        generator = torch.Generator().manual_seed(self.seed * 2**32 + zlib.crc32(row_id.encode()))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "fake-buffer-noise", row_id, bits=64))
         return torch.randn(self.latent_shape, generator=generator)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -133,31 +132,33 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m data_pipelines.fake_buffer", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", required=True, help="folder written by VelocityModel.save_pretrained")
-    parser.add_argument("--latents", required=True, help="prepared set (data_pipelines.prepare_latents output)")
-    parser.add_argument("--output", required=True, help="folder of the fake-sample buffer")
-    parser.add_argument("--steps", type=int, default=1, help="sampler steps (default 1: one-step samples)")
+    parser.add_argument("--config", help="YAML job config (fields: FakeBufferConfig in data_pipelines/config.py)")
+    parser.add_argument("--checkpoint", help="folder written by VelocityModel.save_pretrained")
+    parser.add_argument("--latents", help="prepared set (data_pipelines.prepare_latents output)")
+    parser.add_argument("--output", help="folder of the fake-sample buffer")
+    parser.add_argument("--steps", type=int, help="sampler steps (default 1: one-step samples)")
     parser.add_argument("--limit", type=int, help="sample only the first N rows of the prepared set")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=1, help="sampler actors")
-    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
-    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor")
+    parser.add_argument("--seed", type=int, help="default 0")
+    parser.add_argument("--batch-size", type=int, help="default 64")
+    parser.add_argument("--concurrency", type=int, help="sampler actors (default 1)")
+    parser.add_argument("--num-cpus", type=float, help="CPUs per actor (default 1)")
+    parser.add_argument("--num-gpus", type=float, help="GPUs per actor (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete buffer at --output")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="any config field, e.g. sampler.concurrency=4")
     args = parser.parse_args(argv)
+    flags = {
+        "checkpoint": args.checkpoint, "latents": args.latents, "output": args.output, "steps": args.steps,
+        "limit": args.limit, "seed": args.seed, "overwrite": True if args.overwrite else None,
+        "sampler.batch_size": args.batch_size, "sampler.concurrency": args.concurrency,
+        "sampler.num_cpus": args.num_cpus, "sampler.num_gpus": args.num_gpus,
+    }
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        config = FakeBufferConfig.model_validate(dict(
-            checkpoint=args.checkpoint, latents=args.latents, output=args.output, steps=args.steps,
-            limit=args.limit, seed=args.seed, overwrite=args.overwrite,
-            sampler={"batch_size": args.batch_size, "concurrency": args.concurrency,
-                     "num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
-        ))
+        config = load_fake_buffer_config(args.config, args.overrides,
+                                         {k: v for k, v in flags.items() if v is not None})
         make_fake_buffer(config)
-    except ValidationError as error:
-        print(f"fake_buffer: {format_validation_error(error)}", file=sys.stderr)
-        return 2
-    except (InputError, OutputError, FileNotFoundError) as error:
+    except (ConfigError, InputError, OutputError, FileNotFoundError) as error:
         print(f"fake_buffer: {error}", file=sys.stderr)
         return 2
     return 0

@@ -13,14 +13,12 @@ warning and the job starts again; a folder holding files the job did not write i
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,12 +26,13 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
+from apex_ray.common.files import TMP_PREFIX, write_json_atomic
+
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 REJECT_PARTS = "rejects"
 """Staging subfolder of the reject rows; the job merges them into one file."""
 STAGING_PREFIX = ".staging-"
-TMP_PREFIX = ".tmp-"
 WRITE_TASK_CPUS = 0.0
 """Writing shards is I/O: write tasks ask for no CPU, so they never wait behind CPUs held by the
 actor pools (rows would pile up in the object store until the pools finish)."""
@@ -45,23 +44,6 @@ log = logging.getLogger(__name__)
 
 class OutputError(RuntimeError):
     """The output folder cannot be used; the message says what to do."""
-
-
-@contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path next to ``target`` that replaces it on success and is removed on failure."""
-    target = Path(target)
-    tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{target.name}"
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(target: str | os.PathLike, payload: dict[str, Any]) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 class StagedOutput:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
 
+from apex_ray.common.files import atomic_path
 from apex_ray.config import ConfigError
 from apex_ray.engine.prepared import (
     EMPTY_PROMPT,
@@ -41,7 +42,6 @@ from data_pipelines.output import (
     WRITE_TASK_CPUS,
     OutputError,
     StagedOutput,
-    atomic_path,
 )
 from data_pipelines.readers import InputError, InputPlan, plan_input, read_input
 

@@ -14,11 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sweeps.cli import base_config, execute, floats, parser, search_ranges, value_range  # noqa: E402
-from sweeps.tuning import Cell, SearchRange, Sweep  # noqa: E402
+from sweeps.cli import base_config, execute, floats, parser, search_ranges, value_range
+from sweeps.tuning import Cell, SearchRange, Sweep
 
 PAPER_A = [-1.0, -0.5, 0.5]
 PAPER_B = [0.0, 0.1, 1.0, 10.0]

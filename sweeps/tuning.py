@@ -101,30 +101,17 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=+-]+", "_", label).strip("_")
 
 
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = value
-
-
 def build_trial_config(sweep: Sweep, label: str, overrides: dict[str, Any], tracking_uri: str,
                        parent_run_id: str | None) -> Config:
     """The trial's full config: base + the cell's keys + where it logs and writes."""
-    tree = sweep.base.model_dump(mode="json")
-    for key, value in overrides.items():
-        _set(tree, key, value)
-    _set(tree, "tracking.tracking_uri", tracking_uri)
-    _set(tree, "tracking.run_name", f"{sweep.name}/{label}")
-    tags = {**tree["tracking"].get("tags", {}), "sweep": sweep.name, "sweep_trial": label}
+    tags = {**sweep.base.tracking.tags, "sweep": sweep.name, "sweep_trial": label}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # nests the child under the parent in the UI
-    _set(tree, "tracking.tags", tags)
-    _set(tree, "output_dir", str(sweep.directory / "trials" / slug(label)))
+    changes = {**overrides, "tracking.tracking_uri": tracking_uri, "tracking.run_name": f"{sweep.name}/{label}",
+               "tracking.tags": tags, "output_dir": str(sweep.directory / "trials" / slug(label))}
     try:
-        return Config.model_validate(tree)
-    except Exception as err:  # pydantic's message names the field
+        return sweep.base.with_changes(changes)
+    except ConfigError as err:  # the message names the field
         raise ConfigError(f"trial {label!r}: {err}") from None
 
 

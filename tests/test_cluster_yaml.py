@@ -34,13 +34,3 @@ def test_dashboard_on_localhost_token_auth_on_and_project_installed():
     assert "RAY_AUTH_MODE=disabled" not in CLUSTER_YAML.read_text().replace("do not set RAY_AUTH_MODE=disabled", "")
     assert any("apex-ray" in cmd for cmd in config["setup_commands"])
     assert config["available_node_types"]["gpu_worker"]["resources"]["GPU"] >= 1
-
-
-def test_shipped_configs_validate_and_default_yaml_is_the_embedded_default():
-    from apex_ray.config import Config, load_config
-
-    configs = sorted((CLUSTER_YAML.parent / "configs").glob("*.yaml"))
-    assert configs
-    for path in configs:
-        load_config(path)
-    assert load_config(CLUSTER_YAML.parent / "configs" / "default.yaml") == Config()

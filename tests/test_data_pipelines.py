@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from apex_ray.common.images import images_to_tensor
+from apex_ray.config import ConfigError
 from apex_ray.engine.prepared import (
     load_empty_prompt,
     load_fake_buffer,
@@ -27,7 +29,7 @@ from apex_ray.method.ema import EMA
 from apex_ray.method.objective import APEXConfig, APEXObjective
 from apex_ray.models import build_backbone, build_text_encoder, load_backbone
 from apex_ray.models.codecs import load_codec
-from apex_ray.shapeeval import generate_pairs, images_to_tensor, write_pairs
+from apex_ray.shapeeval import generate_pairs, write_pairs
 from apex_ray.shapeeval.dataset import decode_png, encode_png
 from data_pipelines.actors import encode_usable_rows
 from data_pipelines.config import FakeBufferConfig, load_prepare_config
@@ -227,7 +229,8 @@ def tiny_vae(tmp_path_factory) -> tuple[Path, torch.Tensor]:
         sample_size=SIZE,
     )
     optimizer = torch.optim.Adam(vae.parameters(), lr=3e-3)
-    threads, flush = torch.get_num_threads(), torch.set_flush_denormal(True)
+    threads = torch.get_num_threads()
+    torch.set_flush_denormal(True)  # denormals make this tiny CPU fit several times slower
     torch.set_num_threads(1)
     try:
         for _ in range(400):
@@ -239,6 +242,7 @@ def tiny_vae(tmp_path_factory) -> tuple[Path, torch.Tensor]:
                 break
     finally:
         torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
     path = tmp_path_factory.mktemp("vae") / "tiny-kl"
     vae.save_pretrained(path)
     return path, images
@@ -404,3 +408,16 @@ def test_fake_buffer_job_writes_samples_the_trainer_loads(prepared, tmp_path):
     assert load_fake_buffer(tmp_path / "fake", FakeSampleBuffer(64), limit=5) == 5
     with pytest.raises(ValueError, match="not a fake-sample buffer"):
         load_fake_buffer(output, buffer)
+
+
+def test_fake_buffer_job_takes_a_config_file_overrides_and_flags(tmp_path):
+    """The same way in as every CLI: --config FILE, then key.sub=value, then the named flags."""
+    from data_pipelines.config import load_fake_buffer_config
+
+    job = tmp_path / "job.yaml"
+    job.write_text("checkpoint: ckpt\nlatents: prepared\noutput: buffer\nsteps: 2\nsampler: {concurrency: 3}\n")
+    config = load_fake_buffer_config(job, ["sampler.batch_size=8", "steps=4"], {"output": "elsewhere"})
+    assert (config.checkpoint, config.output, config.steps) == ("ckpt", "elsewhere", 4)
+    assert (config.sampler.concurrency, config.sampler.batch_size) == (3, 8)
+    with pytest.raises(ConfigError, match="sampler.concurrency"):
+        load_fake_buffer_config(job, ["sampler.concurrency=0"])

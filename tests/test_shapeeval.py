@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from apex_ray.common.images import images_to_tensor, tensor_to_images
 from apex_ray.shapeeval import (
     COLORS,
     EVAL_PROMPTS,
@@ -23,7 +24,6 @@ from apex_ray.shapeeval import (
     detect_batch,
     evaluation_set,
     generate_pairs,
-    images_to_tensor,
     load_pairs,
     render,
     render_ground_truth,
@@ -33,7 +33,6 @@ from apex_ray.shapeeval import (
     score_each,
     score_image,
     score_images,
-    tensor_to_images,
     write_pairs,
 )
 from apex_ray.shapeeval.scenes import BACKGROUND, PALETTE, layout

@@ -9,7 +9,13 @@ from __future__ import annotations
 import hashlib
 
 
-def derive_seed(base: int, *purpose: str | int) -> int:
-    """A 32-bit seed (valid for torch, numpy and Ray Data shuffles) for the stream named by ``purpose`` (e.g. ``derive_seed(seed, "noise", rank)``)."""
+def derive_seed(base: int, *purpose: str | int, bits: int = 32) -> int:
+    """A seed for the stream named by ``purpose`` (e.g. ``derive_seed(seed, "noise", rank)``).
+
+    32 bits (the default) suit torch, numpy and Ray Data shuffles; ``bits=64`` (torch generators)
+    for streams counted in millions, e.g. one per dataset row, where 32 bits would collide.
+    """
+    if bits not in (32, 64):
+        raise ValueError(f"bits must be 32 or 64, got {bits}")
     text = "/".join([str(int(base)), *map(str, purpose)])
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little")
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=bits // 8).digest(), "little")

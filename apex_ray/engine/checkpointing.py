@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from apex_ray.common.files import atomic_path, write_json_atomic
 from apex_ray.models.lora import (
     TRAINED_ADAPTER,
     AdapterEMA,
@@ -107,18 +108,13 @@ def complete_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 }
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(directory: str | os.PathLike, state: TrainingState, extra: dict[str, Any]) -> None:
     """Write this rank's part of a checkpoint into ``directory`` (call on every rank)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dcp.save({"train": state}, checkpoint_id=directory)
-    _atomic_torch_save(extra, directory / EXTRA_FILE.format(rank=_rank()))
+    with atomic_path(directory / EXTRA_FILE.format(rank=_rank())) as tmp:
+        torch.save(extra, tmp)
 
 
 def load_checkpoint(directory: str | os.PathLike, state: TrainingState) -> dict[str, Any]:
@@ -140,10 +136,5 @@ def load_checkpoint(directory: str | os.PathLike, state: TrainingState) -> dict[
 
 def write_run_description(directory: str | os.PathLike, config, backbone_config: dict[str, Any]) -> None:
     """Record the training config and backbone config beside the shards (rank 0)."""
-    import json
-
-    payload = {"config": config.model_dump(mode="json"), "backbone_config": backbone_config}
-    path = Path(directory) / RUN_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json_atomic(Path(directory) / RUN_FILE,
+                      {"config": config.model_dump(mode="json"), "backbone_config": backbone_config})

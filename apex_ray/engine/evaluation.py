@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch.distributed as dist
-
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
+from apex_ray.common.images import tensor_to_images
 from apex_ray.method.conditioning import Conditioning, VelocityFn
 from apex_ray.method.sampler import SamplerConfig, sample
 from apex_ray.models.text_encoders import encode_unique
@@ -72,7 +72,7 @@ def image_grid(images: torch.Tensor, columns: int | None = None, scale: int = 4)
     n, _, h, w = images.shape
     columns = columns or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / columns))
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pixels = tensor_to_images(images)
     grid = np.zeros((rows * (h + 1) + 1, columns * (w + 1) + 1, 3), dtype=np.uint8) + 40
     for i in range(n):
         r, c = divmod(i, columns)

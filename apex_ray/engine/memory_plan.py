@@ -183,25 +183,13 @@ def plan(config: Config, gpu_memory_gib: float = 80.0, sizes: ModelSizes | None 
     return MemoryPlan(rows, config.world_size, gpu_memory_gib * GIB * (1 - RESERVED_FRACTION), sizes, micro)
 
 
-def _with(config: Config, **changes) -> Config:
-    """A copy of ``config`` with ``section.field`` changes, e.g. ``_with(c, distributed__num_workers=16)``."""
-    data = config.model_dump()
-    for key, value in changes.items():
-        node = data
-        *path, last = key.split("__")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return Config.model_validate(data)
-
-
 def suggestions(config: Config, result: MemoryPlan, gpu_memory_gib: float) -> list[str]:
     """Changes that make an over-budget config fit, each checked with :func:`plan`."""
     found = []
 
-    def fits(**changes) -> MemoryPlan | None:
+    def fits(changes: dict) -> MemoryPlan | None:
         try:
-            changed = _with(config, **changes)
+            changed = config.with_changes(changes, check_files=False)
         except ValueError:  # e.g. a batch the new worker count does not divide
             return None
         same_model = changed.model == config.model
@@ -210,19 +198,19 @@ def suggestions(config: Config, result: MemoryPlan, gpu_memory_gib: float) -> li
 
     if config.distributed.strategy == "fsdp":
         for gpus in (2, 4, 8, 16, 32, 64, 128, 256):
-            if gpus > config.world_size and (better := fits(distributed__num_workers=gpus)):
+            if gpus > config.world_size and (better := fits({"distributed.num_workers": gpus})):
                 found.append(f"more GPUs: distributed.num_workers={gpus} ({better.total / GIB:.1f} GiB per GPU)")
                 break
     if not config.distributed.activation_checkpointing and (
-            better := fits(distributed__activation_checkpointing=True)):
+            better := fits({"distributed.activation_checkpointing": True})):
         found.append(f"activation checkpointing: distributed.activation_checkpointing=true "
                      f"({better.total / GIB:.1f} GiB per GPU)")
-    if not config.model.lora.enabled and (better := fits(model__lora__enabled=True)):
+    if not config.model.lora.enabled and (better := fits({"model.lora.enabled": True})):
         found.append(f"LoRA: model.lora.enabled=true, rank {config.model.lora.rank} "
                      f"({better.total / GIB:.1f} GiB per GPU)")
     for micro in range(config.micro_batch - 1, 0, -1):
         if (config.train.global_batch % (micro * config.world_size) == 0
-                and (better := fits(train__micro_batch=micro))):
+                and (better := fits({"train.micro_batch": micro}))):
             found.append(f"smaller micro-batch: train.micro_batch={micro}, with gradient accumulation "
                          f"({better.total / GIB:.1f} GiB per GPU)")
             break

@@ -14,7 +14,8 @@ from apex_ray.method.batch import Batch
 from apex_ray.common.seeds import derive_seed
 from apex_ray.method.conditioning import Conditioning
 from apex_ray.models.text_encoders import encode_unique
-from apex_ray.shapeeval import generate_pairs, images_to_tensor
+from apex_ray.common.images import images_to_tensor
+from apex_ray.shapeeval import generate_pairs
 
 
 class ArrayDataset:

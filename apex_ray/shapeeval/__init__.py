@@ -22,11 +22,9 @@ from apex_ray.shapeeval.scenes import (
     SceneObject,
     TrainingPair,
     generate_pairs,
-    images_to_tensor,
     render,
     sample_prompt,
     sample_scene,
-    tensor_to_images,
 )
 from apex_ray.shapeeval.scorer import (
     Detection,
@@ -40,7 +38,7 @@ from apex_ray.shapeeval.scorer import (
 __all__ = [
     "COLORS", "DEFAULT_CANVAS", "EVAL_PROMPTS", "EVAL_PROMPTS_VERSION", "RELATIONS", "SHAPES", "TASKS",
     "Detection", "Prompt", "Scene", "SceneObject", "TrainingPair",
-    "decode_images", "detect", "detect_batch", "evaluation_set", "generate_pairs", "images_to_tensor", "load_pairs",
+    "decode_images", "detect", "detect_batch", "evaluation_set", "generate_pairs", "load_pairs",
     "render", "render_ground_truth", "sample_prompt", "sample_scene", "score_each", "score_image", "score_images",
-    "tensor_to_images", "write_pairs",
+    "write_pairs",
 ]

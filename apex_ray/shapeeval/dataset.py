@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import uuid
 from itertools import islice
 from pathlib import Path
 
@@ -17,7 +16,9 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from apex_ray.shapeeval.scenes import DEFAULT_CANVAS, generate_pairs, images_to_tensor
+from apex_ray.common.files import atomic_path
+from apex_ray.common.images import images_to_tensor
+from apex_ray.shapeeval.scenes import DEFAULT_CANVAS, generate_pairs
 
 SCHEMA = pa.schema([("id", pa.string()), ("image_bytes", pa.binary()), ("text", pa.string()), ("task", pa.string())])
 
@@ -41,22 +42,16 @@ def write_pairs(
     """Write training pairs ``0 .. n - 1`` of generator ``seed`` to parquet at ``path``, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with pq.ParquetWriter(tmp_path, SCHEMA) as writer:
-            pairs = generate_pairs(n, seed, canvas)
-            while chunk := list(islice(pairs, rows_per_group)):
-                columns = {
-                    "id": [p.id for p in chunk],
-                    "image_bytes": [encode_png(p.image) for p in chunk],
-                    "text": [p.caption for p in chunk],
-                    "task": [p.task for p in chunk],
-                }
-                writer.write_table(pa.table(columns, schema=SCHEMA))
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp_path, pq.ParquetWriter(tmp_path, SCHEMA) as writer:
+        pairs = generate_pairs(n, seed, canvas)
+        while chunk := list(islice(pairs, rows_per_group)):
+            columns = {
+                "id": [p.id for p in chunk],
+                "image_bytes": [encode_png(p.image) for p in chunk],
+                "text": [p.caption for p in chunk],
+                "task": [p.task for p in chunk],
+            }
+            writer.write_table(pa.table(columns, schema=SCHEMA))
     return path
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
-import torch
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan")
@@ -226,18 +225,3 @@ def generate_pairs(n: int, seed: int = 0, canvas: int = DEFAULT_CANVAS, start: i
     """Pairs ``start .. start + n - 1`` of generator ``seed`` (a prefix never changes with ``n``)."""
     for index in range(start, start + n):
         yield generate_pair(seed, index, canvas)
-
-
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``[N, H, W, 3]`` (or one ``[H, W, 3]``) -> float32 in [-1, 1], ``[N, 3, H, W]`` (or ``[3, H, W]``)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32)
-    return (tensor / 127.5 - 1.0).movedim(-1, -3).contiguous()
-
-
-def tensor_to_images(tensor: torch.Tensor) -> np.ndarray:
-    """Float ``[N, 3, H, W]`` (or ``[3, H, W]``) in [-1, 1] -> uint8 ``[N, H, W, 3]`` (or ``[H, W, 3]``).
-
-    Values are clipped to [-1, 1] and rounded to the nearest level.
-    """
-    scaled = ((tensor.detach().to("cpu", torch.float32).clamp(-1.0, 1.0) + 1.0) * 127.5).round()
-    return scaled.to(torch.uint8).movedim(-3, -1).contiguous().numpy()

@@ -26,8 +26,8 @@ from apex_ray.shapeeval.scenes import (
     SHAPES,
     TASKS,
     Prompt,
-    tensor_to_images,
 )
+from apex_ray.common.images import tensor_to_images
 
 COLOR_TOLERANCE = 80.0
 MIN_AREA_FRACTION = 12 / 1024
