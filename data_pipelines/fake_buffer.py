@@ -66,7 +66,7 @@ class FakeSampler:
     def row_noise(self, row_id: str) -> torch.Tensor:
         """The starting noise of row ``row_id``: depends on (seed, id) only, not on batching."""
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "fake-buffer-noise", row_id, bits=64))
-        return torch.randn(self.latent_shape, generator=generator)
+        return torch.randn(self.latent_shape, generator=generator, device="cpu")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cond = to_conditioning(batch).to(self.device)

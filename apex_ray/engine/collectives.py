@@ -1,10 +1,12 @@
 """The one way this project runs a tensor collective: on the process group backend's device.
 
 NCCL takes CUDA tensors only and gloo CPU tensors only; every all-reduce of metrics, norms or
-counters goes through :func:`all_reduce_mean` so that the tensor is placed where the backend
-wants it (and a single process needs no process group).
+counters goes through :func:`all_reduce_mean`, every gather through :func:`gather_to_rank0`, so
+that tensors are placed where the backend wants them (and a single process needs no process group).
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,3 +32,27 @@ def all_reduce_mean(values: dict[str, float | torch.Tensor]) -> dict[str, float]
         dist.all_reduce(stacked)
         stacked = stacked / dist.get_world_size()
     return dict(zip(keys, stacked.cpu().tolist()))
+
+
+def gather_to_rank0(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` (tensors moved to CPU first), in rank order on rank 0; ``None`` elsewhere.
+
+    ``gather_object`` pickles through tensors on the backend's device (NCCL: the current CUDA
+    device, which the worker sets), so the payload itself is kept on the CPU.
+    """
+    obj = _to_cpu(obj)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(item) for item in obj)
+    if isinstance(obj, dict):
+        return {key: _to_cpu(value) for key, value in obj.items()}
+    return obj

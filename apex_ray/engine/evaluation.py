@@ -9,10 +9,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 
 from apex_ray.common.images import tensor_to_images
+from apex_ray.engine.collectives import gather_to_rank0
 from apex_ray.method.conditioning import Conditioning, VelocityFn
 from apex_ray.method.sampler import SamplerConfig, sample
 from apex_ray.models.text_encoders import encode_unique
@@ -42,7 +42,7 @@ def generate(
     for start in range(0, len(captions), batch_size):
         chunk = slice(start, start + batch_size)
         noise = torch.stack([
-            torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds[chunk]
+            torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed), device="cpu") for seed in seeds[chunk]
         ]).to(device)
         cond = encode(captions[chunk]).to(device)
         result = sample(model, cond, tuple(noise.shape), sampler, noise=noise,
@@ -105,11 +105,10 @@ class EvalPrompts:
         images = generate(model, self.encode, [self.captions[i] for i in self.items],
                           [self.seeds[i] for i in self.items], latent_shape, SamplerConfig.for_nfe(nfe),
                           decode=decode, device=device)
-        if not dist.is_initialized() or self.world_size == 1:
+        if self.world_size == 1:
             return images
-        gathered = [None] * self.world_size if dist.get_rank() == 0 else None
-        dist.gather_object((self.items, images), gathered, dst=0)
-        if dist.get_rank() != 0:
+        gathered = gather_to_rank0((self.items, images))
+        if gathered is None:
             return None
         out = torch.empty(len(self.captions), *images.shape[1:])
         for items, imgs in gathered:

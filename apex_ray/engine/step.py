@@ -13,8 +13,8 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
-from apex_ray.config import Config, OptimConfig
 from apex_ray.common.seeds import derive_seed
+from apex_ray.config import Config, OptimConfig
 from apex_ray.method.batch import Batch
 from apex_ray.method.buffer import FakeSampleBuffer
 from apex_ray.method.ema import EMA

@@ -10,11 +10,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from apex_ray.method.batch import Batch
+from apex_ray.common.images import images_to_tensor
 from apex_ray.common.seeds import derive_seed
+from apex_ray.method.batch import Batch
 from apex_ray.method.conditioning import Conditioning
 from apex_ray.models.text_encoders import encode_unique
-from apex_ray.common.images import images_to_tensor
 from apex_ray.shapeeval import generate_pairs
 
 
@@ -55,7 +55,8 @@ class BatchStream:
     def __next__(self) -> Batch:
         if self.position + self.batch_size > len(self.dataset):
             self.epoch, self.position = self.epoch + 1, 0
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(derive_seed(self.seed, "epoch", self.epoch)))
+        order = torch.randperm(len(self.dataset), device="cpu",
+                               generator=torch.Generator().manual_seed(derive_seed(self.seed, "epoch", self.epoch)))
         idx = order[self.position:self.position + self.batch_size]
         self.position += self.batch_size
         return Batch(self.dataset.latents[idx], self.dataset.cond.index(idx))

@@ -42,7 +42,9 @@ class FakeSampleBuffer:
         """Draw ``n`` entries uniformly with replacement; returns samples and a padded conditioning."""
         if not self._entries:
             raise RuntimeError("cannot sample from an empty fake-sample buffer")
-        idx = torch.randint(len(self._entries), (n,), generator=generator).tolist()
+        # Indices are drawn on the generator's own device: a CUDA generator cannot drive a CPU op.
+        on = generator.device if generator is not None else "cpu"
+        idx = torch.randint(len(self._entries), (n,), generator=generator, device=on).tolist()
         picked = [self._entries[i] for i in idx]
         conds = [
             Conditioning(e[None], torch.ones(1, e.shape[0], dtype=torch.long), None if p is None else p[None])

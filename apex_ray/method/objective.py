@@ -121,7 +121,8 @@ def sample_time(n: int, beta_params: tuple[float, float, float], generator: torc
 def stochastic_count(expected: float, generator: torch.Generator | None) -> int:
     """``floor(expected)`` plus one with probability ``frac(expected)``: right on average at any batch size."""
     whole = math.floor(expected)
-    return whole + int(torch.rand((), generator=generator).item() < expected - whole)
+    on = generator.device if generator is not None else "cpu"  # the draw runs where its generator lives
+    return whole + int(torch.rand((), generator=generator, device=on).item() < expected - whole)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import datetime as dt
 import os
 import threading
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 from apex_ray.config import Config
 from apex_ray.orchestration.tracking import (

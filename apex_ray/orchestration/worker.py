@@ -14,11 +14,16 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
+import torch
 
 from apex_ray.common.seeds import derive_seed
 from apex_ray.config import Config
 from apex_ray.engine.build import Training, backbone_config, build_training
-from apex_ray.engine.checkpointing import load_checkpoint, save_checkpoint, write_run_description
+from apex_ray.engine.checkpointing import (
+    load_checkpoint,
+    save_checkpoint,
+    write_run_description,
+)
 from apex_ray.engine.collectives import all_reduce_mean
 from apex_ray.engine.evaluation import EvalPrompts, evaluate_during_training
 from apex_ray.engine.export import export_weights
@@ -38,6 +43,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives (and gather_object) use the current device
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     progress = loop_config.get("progress_queue")
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from apex_ray.common.images import tensor_to_images
 from apex_ray.shapeeval.scenes import (
     BACKGROUND,
     COLORS,
@@ -27,7 +28,6 @@ from apex_ray.shapeeval.scenes import (
     TASKS,
     Prompt,
 )
-from apex_ray.common.images import tensor_to_images
 
 COLOR_TOLERANCE = 80.0
 MIN_AREA_FRACTION = 12 / 1024
