@@ -16,6 +16,7 @@ from typing import Callable
 from apex_ray.config import Config
 from apex_ray.orchestration.tracking import (
     RunLogger,
+    check_store_reachable,
     check_tracking_server,
     resolve_tracking_uri,
 )
@@ -32,12 +33,14 @@ class TrainResult:
 
 
 def preflight(config: Config) -> str:
-    """The one check :func:`apex_ray.config.load_config` cannot make: the tracking store answers.
+    """The one check :func:`apex_ray.config.load_config` cannot make: the tracking store answers
+    (and, for a Ray client, is not a file on this machine).
 
     Returns the tracking URI. Raises :class:`TrackingError`.
     """
     uri = resolve_tracking_uri(config.tracking.tracking_uri, config.output_dir)
     check_tracking_server(uri)
+    check_store_reachable(uri, 1, os.environ.get("RAY_ADDRESS"))  # ray:// is refused before connecting
     return uri
 
 
@@ -54,6 +57,12 @@ def start_ray(verbose: bool, workers: int, cpus_per_worker: float) -> None:
     else:
         cpus = max(os.cpu_count() or 1, int(workers * cpus_per_worker) + 1)
         ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(bool(node["Alive"]) for node in ray.nodes())
 
 
 def _prepared_path(config: Config) -> Path | None:
@@ -90,6 +99,10 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None,
     default (tests wrap it to inject faults).
     """
     tracking_uri = preflight(config)
+    import ray
+
+    start_ray(verbose, config.world_size, config.distributed.cpus_per_worker)
+    check_store_reachable(tracking_uri, alive_nodes(), os.environ.get("RAY_ADDRESS"))
     output_dir = Path(config.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     config = config.model_copy(update={"output_dir": str(output_dir)})
@@ -104,7 +117,6 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None,
     if logger is None:
         logger = RunLogger.create(tracking_uri, config.tracking.experiment, run_name, tags, config.to_flat_dict())
 
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
@@ -112,7 +124,6 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None,
     from apex_ray.engine.prepared import prepared_dataset
     from apex_ray.orchestration.worker import train_worker
 
-    start_ray(verbose, config.world_size, config.distributed.cpus_per_worker)
     prepared = _prepared_path(config)
     queue = Queue(actor_options={"num_cpus": 0})
     stop = threading.Event()

@@ -110,3 +110,25 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+def is_local_store(uri: str) -> bool:
+    """A tracking store on this machine's disk (sqlite, file or a bare path), not a server."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def check_store_reachable(uri: str, nodes: int, ray_address: str | None) -> None:
+    """Refuse a store the workers cannot open: rank 0 logs from whichever node it lands on, so a
+    sqlite file on the driver's disk only works when the whole cluster is this one machine."""
+    if not is_local_store(uri):
+        return
+    where = None
+    if ray_address and ray_address.startswith("ray://"):
+        where = f"the driver is a Ray client of {ray_address}"
+    elif nodes > 1:
+        where = f"the cluster has {nodes} nodes"
+    if where:
+        raise TrackingError(
+            f"tracking store {uri} is a file on this machine, but {where}: rank 0 may run on another "
+            "node and could not open it. Run an MLflow server every node can reach (see cluster.yaml) "
+            "and set tracking.tracking_uri=http://HOST:5000 or MLFLOW_TRACKING_URI.")
