@@ -185,10 +185,14 @@ class Config(_Section):
         if seed_buffer and _is_local(seed_buffer) and not Path(seed_buffer).expanduser().exists():
             raise ValueError(f"objective.seed_buffer: {seed_buffer!r} does not exist; "
                              "make it with `python -m data_pipelines.fake_buffer`")
-        if self.data.source == "prepared" and _is_local(self.data.path) \
-                and not Path(self.data.path).expanduser().exists():
-            raise ValueError(f"data.path: prepared dataset {self.data.path!r} does not exist; "
-                             "create it with `python -m data_pipelines.prepare_latents`")
+        if self.data.source == "prepared" and _is_local(self.data.path):
+            folder = Path(self.data.path).expanduser()
+            if not folder.exists():
+                raise ValueError(f"data.path: prepared dataset {self.data.path!r} does not exist; "
+                                 "create it with `python -m data_pipelines.prepare_latents`")
+            if not (folder / "manifest.json").is_file():
+                raise ValueError(f"data.path: {self.data.path!r} is not a complete prepared set (no manifest.json); "
+                                 "point it at a `python -m data_pipelines.prepare_latents` output, or rerun that job")
 
     @classmethod
     def from_run(cls, tree: dict[str, Any]) -> "Config":
@@ -254,7 +258,11 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r} must look like key.sub=value")
     key, raw = override.split("=", 1)
     try:
-        set_dotted(tree, key, yaml.safe_load(raw) if raw.strip() else None)
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({_first_line(err)})") from None
+    try:
+        set_dotted(tree, key, value)
     except ConfigError as err:
         raise ConfigError(f"override {override!r}: {err}") from None
 
@@ -279,7 +287,10 @@ def _read_yaml_with_base(file: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if file.resolve() in chain:
         raise ConfigError(f"config file {str(file)!r} is its own base: "
                           + " -> ".join(str(p) for p in (*chain, file.resolve())))
-    loaded = yaml.safe_load(file.read_text())
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(file)!r} is not valid YAML: {_first_line(err)}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config file {str(file)!r} must hold a mapping at the top level")
     tree = loaded or {}
@@ -289,6 +300,12 @@ def _read_yaml_with_base(file: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not isinstance(base, str):
         raise ConfigError(f"config file {str(file)!r}: base must be a file name, got {base!r}")
     return _merge(_read_yaml_with_base(file.parent / base, (*chain, file.resolve())), tree)
+
+
+def _first_line(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or str(err).splitlines()[0]}{where}"
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -137,7 +137,16 @@ def read_dpg_prompts(path: str) -> list[Prompt]:
         if not files:
             raise SampleError(f"{path} holds no <id>.txt prompt files")
         return [Prompt(f.read_text().strip(), f.stem) for f in files]
-    return [Prompt(text.strip(), str(name)) for name, text in json.loads(Path(path).read_text()).items()]
+    return [Prompt(text.strip(), file_name(str(name), path)) for name, text in json.loads(Path(path).read_text()).items()]
+
+
+def file_name(name: str, source: str) -> str:
+    """``name`` when it is one plain file name; an id such as ``../x`` or ``/abs/x`` would write
+    outside ``--out``."""
+    if name in ("", ".", "..") or Path(name).name != name or "\\" in name or "\0" in name:
+        raise SampleError(f"{source}: prompt id {name!r} is not a plain file name (no '/', '\\' or '..'); "
+                          "rename it, images are saved as <id>.png")
+    return name
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -11,7 +11,7 @@ import sys
 
 from apex_ray.config import ConfigError, load_config
 from apex_ray.orchestration.launcher import run
-from apex_ray.orchestration.tracking import TrackingError
+from apex_ray.orchestration.tracking import TrackingError, redact_credentials
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,11 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the MLflow run is marked KILLED; rerun the same command with the same "
+              "tracking.run_name to resume from its latest checkpoint", file=sys.stderr)
+        return 130
     if result.metrics.get("aborted"):
         print("error: training aborted after repeated non-finite losses; the last checkpoint is at "
               f"{result.checkpoint_path}", file=sys.stderr)
         return 1
-    uri = result.tracking_uri
+    uri = redact_credentials(result.tracking_uri)
     print("\ndone.")
     print(f"  checkpoints:      {result.storage_path}")
     print(f"  final checkpoint: {result.checkpoint_path}")

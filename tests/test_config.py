@@ -84,6 +84,13 @@ def test_uris_and_hub_ids_are_not_checked_as_paths_and_run_copies_skip_file_chec
     assert config.data.path == "s3://bucket/prepared"
     with pytest.raises(ConfigError, match="data.path: prepared dataset '/nonexistent'"):
         load_config(None, ["data.source=prepared", "data.path=/nonexistent"])
+
+
+def test_a_folder_that_is_not_a_prepared_set_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="is not a complete prepared set"):
+        load_config(None, ["data.source=prepared", f"data.path={tmp_path}"])
+    (tmp_path / "manifest.json").write_text("{}")
+    assert load_config(None, ["data.source=prepared", f"data.path={tmp_path}"]).data.path == str(tmp_path)
     # A worker or an export re-reads the launched config where its files may not exist.
     tree = Config().model_dump(mode="json")
     tree["data"].update(source="prepared", path="/nonexistent")
@@ -96,3 +103,12 @@ def test_plan_cli_with_a_bad_backbone_is_an_error_not_a_traceback():
     assert proc.returncode == 2
     assert "model.backbone: unknown preset 'sana-huge'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_yaml_syntax_errors_are_config_errors_with_the_place(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim:\n  lr: [1e-4\ntrain: {steps: 3}\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml' is not valid YAML: .* at line \d+"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="optim.lr=\\[1e-4.*not valid YAML"):
+        load_config(None, ["optim.lr=[1e-4"])

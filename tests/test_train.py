@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from apex_ray.config import load_config
+from apex_ray.config import Config, load_config
 from apex_ray.engine.export import export_checkpoint
 from apex_ray.models import load_backbone
 from apex_ray.orchestration.launcher import run
@@ -145,6 +145,21 @@ def test_unreachable_tracking_server_fails_at_start(tmp_path):
     assert proc.returncode == 2
     assert "cannot reach the MLflow tracking server at http://127.0.0.1:9" in proc.stderr
     assert not (tmp_path / "ray").exists()
+
+
+def test_a_failure_before_training_marks_the_mlflow_run_failed(ray_cluster, tmp_path):
+    """A run that dies before Ray Train starts (here: a folder that is not a prepared set) is not
+    left RUNNING in MLflow."""
+    (tmp_path / "not-a-set").mkdir()
+    checked = tiny_config(tmp_path, "tracking.run_name=early-failure").model_dump(mode="json")
+    checked["data"].update(source="prepared", path=str(tmp_path / "not-a-set"))
+    config = Config.from_run(checked)  # past load_config's check, as if the folder emptied since
+    with pytest.raises(Exception):
+        run(config)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [experiment] = [e for e in client.search_experiments() if e.name == config.tracking.experiment]
+    runs = client.search_runs([experiment.experiment_id], "tags.mlflow.runName = 'early-failure'")
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 @pytest.mark.slow

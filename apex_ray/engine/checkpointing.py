@@ -8,6 +8,7 @@ same in one process (no process group) and under torch.distributed.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +130,19 @@ def load_checkpoint(directory: str | os.PathLike, state: TrainingState) -> dict[
     dcp.load({"train": state}, checkpoint_id=directory)
     own = directory / EXTRA_FILE.format(rank=_rank())
     source = own if own.exists() else directory / EXTRA_FILE.format(rank=0)
-    extra = torch.load(source, weights_only=False)
+    extra = read_extra_state(source)
     extra["from_rank"] = _rank() if own.exists() else 0
     return extra
+
+
+def read_extra_state(path: str | os.PathLike) -> dict[str, Any]:
+    """A rank's ``extra_rank*.pt``: tensors, numbers and containers only. A checkpoint copied from
+    elsewhere is data; a pickle that asks to build any other object is refused, not run."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} holds more than tensors and numbers, so it is not loaded (it could run "
+                         f"code): {str(err).splitlines()[0]}") from None
 
 
 def write_run_description(directory: str | os.PathLike, config, backbone_config: dict[str, Any]) -> None:

@@ -99,8 +99,6 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None,
     default (tests wrap it to inject faults).
     """
     tracking_uri = preflight(config)
-    import ray
-
     start_ray(verbose, config.world_size, config.distributed.cpus_per_worker)
     check_store_reachable(tracking_uri, alive_nodes(), os.environ.get("RAY_ADDRESS"))
     output_dir = Path(config.output_dir).resolve()
@@ -116,7 +114,20 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None,
         logger = RunLogger.find(tracking_uri, config.tracking.experiment, run_name)
     if logger is None:
         logger = RunLogger.create(tracking_uri, config.tracking.experiment, run_name, tags, config.to_flat_dict())
+    # From here on the MLflow run says how this attempt ended, whatever ends it.
+    try:
+        return _fit(config, run_name, storage, tracking_uri, logger, callbacks, train_loop)
+    except KeyboardInterrupt:
+        logger.finish("KILLED")
+        raise
+    except BaseException:
+        logger.finish("FAILED")
+        raise
 
+
+def _fit(config: Config, run_name: str, storage: Path, tracking_uri: str, logger: RunLogger,
+         callbacks: list | None, train_loop: Callable[[dict], None] | None) -> TrainResult:
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
@@ -149,9 +160,6 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None,
           f"{config.train.steps} steps of {config.objective.kind} on {config.model.backbone}", flush=True)
     try:
         result = trainer.fit()
-    except Exception:
-        logger.finish("FAILED")
-        raise
     finally:
         stop.set()
         printer.join(timeout=5)

@@ -6,6 +6,7 @@ output folder. A remote server that cannot be reached fails at start-up, before 
 from __future__ import annotations
 
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +24,15 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message says which URI and what to do."""
 
 
+_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+
+
+def redact_credentials(text: str) -> str:
+    """``https://user:token@host/...`` -> ``https://***@host/...`` anywhere in ``text``: what is
+    logged to MLflow or printed never carries a password or token from a URI."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 def resolve_tracking_uri(configured: str | None, output_dir: str | os.PathLike) -> str:
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
@@ -37,10 +47,10 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
             if response.status != 200:
-                raise TrackingError(f"MLflow server {uri} answered /health with HTTP {response.status}")
+                raise TrackingError(f"MLflow server {redact_credentials(uri)} answered /health with HTTP {response.status}")
     except (urllib.error.URLError, OSError) as err:
         raise TrackingError(
-            f"cannot reach the MLflow tracking server at {uri} ({err}). Start it (e.g. `mlflow server "
+            f"cannot reach the MLflow tracking server at {redact_credentials(uri)} ({err}). Start it (e.g. `mlflow server "
             f"--host 127.0.0.1 --port 5000`), fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or unset "
             f"both to log to a local sqlite file."
         ) from None
@@ -65,7 +75,8 @@ class RunLogger:
         client = MlflowClient(tracking_uri)
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run = client.create_run(experiment_id, run_name=run_name,
+                                tags={k: redact_credentials(str(v)) for k, v in tags.items()})
         logger = cls(tracking_uri, run.info.run_id)
         logger.log_params(params)
         return logger
@@ -85,7 +96,7 @@ class RunLogger:
         return cls(tracking_uri, runs[0].info.run_id)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        entries = [Param(key, str(value)[:MLFLOW_PARAM_LENGTH]) for key, value in params.items()]
+        entries = [Param(key, redact_credentials(str(value))[:MLFLOW_PARAM_LENGTH]) for key, value in params.items()]
         for chunk in _chunks(entries):
             self.client.log_batch(self.run_id, params=chunk)
 
@@ -96,7 +107,7 @@ class RunLogger:
             self.client.log_batch(self.run_id, metrics=chunk)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for chunk in _chunks([RunTag(k, str(v)) for k, v in tags.items()]):
+        for chunk in _chunks([RunTag(k, redact_credentials(str(v))) for k, v in tags.items()]):
             self.client.log_batch(self.run_id, tags=chunk)
 
     def log_image(self, image, artifact_file: str) -> None:
@@ -129,6 +140,6 @@ def check_store_reachable(uri: str, nodes: int, ray_address: str | None) -> None
         where = f"the cluster has {nodes} nodes"
     if where:
         raise TrackingError(
-            f"tracking store {uri} is a file on this machine, but {where}: rank 0 may run on another "
+            f"tracking store {redact_credentials(uri)} is a file on this machine, but {where}: rank 0 may run on another "
             "node and could not open it. Run an MLflow server every node can reach (see cluster.yaml) "
             "and set tracking.tracking_uri=http://HOST:5000 or MLFLOW_TRACKING_URI.")
