@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from result import PREFIX  # noqa: E402
 
+GPU_SECTION = "## GPU path"
 # name -> (script, full arguments, --quick arguments)
 BENCHES = {
     "step": ("bench_step.py", ["--steps", "10"], ["--steps", "4", "--warmup", "1"]),
@@ -69,8 +70,10 @@ def main() -> int:
               f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}")
     table = header + "\n\n" + "\n".join(lines)
     print("\n" + table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    if args.out:  # the CPU table is replaced; the GPU section below it (bench/gpu_smoke.py) is kept
+        out = Path(args.out)
+        kept = out.read_text().partition(GPU_SECTION)[1:] if out.exists() else ("", "")
+        out.write_text(table + "\n" + ("\n" + "".join(kept) if kept[0] else ""))
     return 1 if failed else 0
 
 
