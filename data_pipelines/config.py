@@ -49,6 +49,7 @@ class ImageConfig(_Section):
     size: int = Field(32, gt=0)  # side of the square crop fed to the codec
     min_side: int | None = Field(None, gt=0)  # shorter side below this is rejected; default size // 2
     decode_num_cpus: float | None = Field(None, gt=0)  # per decode task; default below
+    max_pixels: int = Field(64_000_000, gt=0)  # larger images are rejected (too_large) before decoding
 
     @property
     def resolved_min_side(self) -> int:

@@ -100,7 +100,8 @@ def build_pipeline(config: PrepareConfig, rows: ray.data.Dataset, empty_prompt_f
     codec, text = config.codec, config.text
     decoded = rows.map_batches(
         decode_rows, batch_size=codec.batch_size, num_cpus=config.decode_cpus,
-        fn_kwargs={"size": config.image.size, "min_side": config.image.resolved_min_side},
+        fn_kwargs={"size": config.image.size, "min_side": config.image.resolved_min_side,
+                   "max_pixels": config.image.max_pixels},
     )
     encoded = decoded.map_batches(
         ImageEncoder, batch_size=codec.batch_size, compute=ActorPoolStrategy(size=codec.concurrency),

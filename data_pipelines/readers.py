@@ -1,4 +1,4 @@
-"""The three raw input kinds as one Ray Dataset of rows ``{id, source, image_bytes, caption}``.
+"""The three raw input kinds as one Ray Dataset of rows ``{id, source, image_bytes, caption, caption_error}``.
 
 - ``parquet``: a file or folder of parquet files with an image-bytes column (binary, or a
   ``{bytes, path}`` struct as Hugging Face datasets store images) and a caption column;
@@ -8,7 +8,8 @@
 The driver only plans: it lists files, reads parquet footers, checks the columns and counts the
 rows (the ``rows_in`` of the count identity). Ray tasks read the bytes. Every input row becomes
 exactly one output row whatever is wrong with it (unreadable bytes or a missing caption become
-``None``), so that validation downstream accounts for all of them. ``id`` is stable across
+``None``; caption bytes that are not UTF-8 say so in ``caption_error``), so that validation
+downstream accounts for all of them; a column of the wrong type fails at planning. ``id`` is stable across
 runs: the id column's value, else ``<file>:<row>`` (parquet) or the relative path (folders).
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ READ_TASK_CPUS = 0.0
 pools downstream (which would stall the stream on a small machine)."""
 RAW_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("image_bytes", pa.binary()), ("caption", pa.string()),
+    ("caption_error", pa.string()),  # why a present caption could not be read (e.g. not UTF-8)
 ])
 
 
@@ -150,6 +152,7 @@ def _plan_parquet(root: Path, files: list[str], fmt: str, columns: dict[str, str
         if missing:
             raise InputError(f"{file} has no column {', '.join(missing)}; its columns are {names}. "
                              "Set input.image_column / input.caption_column / input.id_column")
+        _check_column_types(file, meta.schema.to_arrow_schema(), columns)
         first = 0
         for group in range(meta.num_row_groups):
             group_rows = meta.row_group(group).num_rows
@@ -158,6 +161,23 @@ def _plan_parquet(root: Path, files: list[str], fmt: str, columns: dict[str, str
             first += group_rows
         rows += first
     return InputPlan(fmt, str(root), units, rows, columns)
+
+
+def _check_column_types(file: str, schema: pa.Schema, columns: dict[str, str | None]) -> None:
+    """A wrong column type is a start-up error, not one reject per row."""
+    binary = (pa.types.is_binary, pa.types.is_large_binary)
+    text = (pa.types.is_string, pa.types.is_large_string, *binary)
+    image_type = schema.field(columns["image"]).type
+    image_ok = any(ok(image_type) for ok in binary) or (
+        pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0
+        and any(ok(image_type.field("bytes").type) for ok in binary))
+    if not image_ok:
+        raise InputError(f"{file}: image column {columns['image']!r} is {image_type}, not encoded image bytes "
+                         "(binary, or a {bytes, path} struct); set input.image_column to the column of PNG/JPEG bytes")
+    caption_type = schema.field(columns["caption"]).type
+    if not any(ok(caption_type) for ok in text):
+        raise InputError(f"{file}: caption column {columns['caption']!r} is {caption_type}, not text; "
+                         "set input.caption_column to the column of captions")
 
 
 def _plan_image_folder(root: Path) -> InputPlan:
@@ -181,7 +201,7 @@ def read_row_group(unit: dict[str, Any], root: str, columns: dict[str, str | Non
             ids=[str(i) if i is not None else f"{prefix}:{r}" for i, r in zip(ids, rows)],
             sources=[f"{file}#row={r}" for r in rows],
             images=[_image_bytes(v) for v in chunk.column(image_column).to_pylist()],
-            captions=[c if isinstance(c, str) else None for c in chunk.column(caption_column).to_pylist()],
+            captions=[_caption(c) for c in chunk.column(caption_column).to_pylist()],
         )
 
 
@@ -190,14 +210,29 @@ def read_image_files(files: list[str], root: str) -> pa.Table:
     return raw_rows(
         ids=[Path(os.path.relpath(f, root)).as_posix() for f in files],
         sources=files,
-        images=[_read(f, binary=True) for f in files],
-        captions=[_read(str(Path(f).with_suffix(".txt")), binary=False) for f in files],
+        images=[_read(f) for f in files],
+        captions=[_caption(_read(str(Path(f).with_suffix(".txt"))), f"{Path(f).stem}.txt: ")
+                  for f in files],
     )
 
 
-def raw_rows(ids: list[str], sources: list[str], images: list[bytes | None], captions: list[str | None]) -> pa.Table:
+def raw_rows(ids: list[str], sources: list[str], images: list[bytes | None],
+             captions: list[str | None | tuple[None, str]]) -> pa.Table:
+    """``captions`` items are the text, ``None`` (no caption) or ``(None, why)`` (unreadable)."""
+    texts = [c[0] if isinstance(c, tuple) else c for c in captions]
+    errors = [c[1] if isinstance(c, tuple) else None for c in captions]
     return pa.table([pa.array(ids, pa.string()), pa.array(sources, pa.string()), pa.array(images, pa.binary()),
-                     pa.array(captions, pa.string())], schema=RAW_SCHEMA)
+                     pa.array(texts, pa.string()), pa.array(errors, pa.string())], schema=RAW_SCHEMA)
+
+
+def _caption(value: Any, where: str = "") -> str | None | tuple[None, str]:
+    """Text as it is, UTF-8 bytes decoded; bytes that are not UTF-8 give ``(None, why)``."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as err:
+            return None, f"{where}caption bytes are not UTF-8 ({err.reason} at byte {err.start})"
+    return value if isinstance(value, str) else None
 
 
 def _image_bytes(value: Any) -> bytes | None:
@@ -206,12 +241,9 @@ def _image_bytes(value: Any) -> bytes | None:
     return value if isinstance(value, bytes) and value else None
 
 
-def _read(path: str, binary: bool) -> bytes | str | None:
+def _read(path: str) -> bytes | None:
     try:
-        if binary:
-            with open(path, "rb") as f:
-                return f.read()
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             return f.read()
-    except (OSError, UnicodeDecodeError):
+    except OSError:
         return None

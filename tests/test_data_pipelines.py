@@ -421,3 +421,95 @@ def test_fake_buffer_job_takes_a_config_file_overrides_and_flags(tmp_path):
     assert (config.sampler.concurrency, config.sampler.batch_size) == (3, 8)
     with pytest.raises(ConfigError, match="sampler.concurrency"):
         load_fake_buffer_config(job, ["sampler.concurrency=0"])
+
+
+# --- decoding odd images: no Ray ----------------------------------------------------------------
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")  # uint16 [H, W] is saved as a 16-bit grayscale PNG
+    return buffer.getvalue()
+
+
+def test_16_bit_grayscale_is_scaled_by_bit_depth_not_saturated():
+    from data_pipelines.decode import load_rgb
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    rgb = load_rgb(_png(ramp), 64, 8)
+    assert rgb.dtype == np.uint8 and rgb.shape == (64, 64, 3)
+    assert abs(float(rgb.mean()) - 127.5) < 3  # Pillow's plain convert gives ~251 (saturated)
+    assert rgb[:, 0].max() <= 2 and rgb[:, -1].min() >= 253 and np.all(rgb[..., 0] == rgb[..., 2])
+    eight_bit = load_rgb(_png((ramp >> 8).astype(np.uint8)), 64, 8)
+    assert np.abs(rgb.astype(int) - eight_bit.astype(int)).max() <= 2
+
+
+def test_images_above_the_pixel_cap_are_rejected_before_decoding():
+    from data_pipelines.decode import TOO_LARGE, Rejected, load_rgb
+
+    big = _png(np.zeros((300, 400, 3), dtype=np.uint8))
+    with pytest.raises(Rejected) as rejected:
+        load_rgb(big, 32, 16, max_pixels=100_000)
+    assert rejected.value.reason == TOO_LARGE and "400x300" in rejected.value.detail
+    assert load_rgb(big, 32, 16, max_pixels=120_000).shape == (32, 32, 3)
+
+
+def test_large_jpegs_decode_at_reduced_scale_and_still_fill_the_crop():
+    from data_pipelines.decode import load_rgb
+
+    gradient = np.dstack([np.tile(np.linspace(0, 255, 1024).astype(np.uint8), (768, 1))] * 3)
+    buffer = io.BytesIO()
+    Image.fromarray(gradient).save(buffer, "JPEG", quality=95)
+    opened = Image.open(io.BytesIO(buffer.getvalue()))
+    opened.draft("RGB", (86, 64))
+    assert opened.size[1] < 768  # the codec offers a reduced-scale decode
+    rgb = load_rgb(buffer.getvalue(), 32, 16)
+    assert rgb.shape == (32, 32, 3) and rgb[:, 0].mean() < rgb[:, -1].mean()
+
+
+def test_caption_bytes_are_decoded_and_bad_ones_rejected_with_the_real_reason(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipelines.config import InputConfig
+    from data_pipelines.decode import decode_rows
+    from data_pipelines.readers import plan_input, read_units
+
+    png = _png(np.full((32, 32), 30000, dtype=np.uint16))
+    file = tmp_path / "raw.parquet"
+    pq.write_table(pa.table({"image_bytes": [png, png, png], "text": [b"a red circle", b"\xff\xfe bad", None]},
+                            schema=pa.schema([("image_bytes", pa.binary()), ("text", pa.binary())])), file)
+    plan = plan_input(InputConfig(path=str(file), format="parquet"))
+    table = pa.concat_tables(read_units(plan, plan.units))
+    decoded = decode_rows({k: np.array(v, dtype=object) for k, v in table.to_pydict().items()}, 32, 16)
+    assert list(decoded["caption"][:1]) == ["a red circle"] and decoded["reason"][0] == ""
+    assert decoded["reason"][1] == "undecodable_caption" and "not UTF-8" in decoded["detail"][1]
+    assert decoded["reason"][2] == "missing_caption"
+
+
+def test_wrong_column_types_are_a_start_up_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipelines.config import InputConfig
+    from data_pipelines.readers import InputError, plan_input
+
+    file = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"image_bytes": [1, 2], "text": ["a", "b"]}), file)
+    with pytest.raises(InputError, match="image column 'image_bytes' is int64, not encoded image bytes"):
+        plan_input(InputConfig(path=str(file), format="parquet"))
+    pq.write_table(pa.table({"image_bytes": [b"x", b"y"], "text": [1.0, 2.0]}), file)
+    with pytest.raises(InputError, match="caption column 'text' is double, not text"):
+        plan_input(InputConfig(path=str(file), format="parquet"))
+
+
+def test_a_non_utf8_caption_file_is_rejected_as_undecodable(tmp_path):
+    from data_pipelines.readers import read_image_files
+
+    (tmp_path / "cat.png").write_bytes(_png(np.zeros((32, 32), dtype=np.uint16)))
+    (tmp_path / "cat.txt").write_bytes("un chat noir".encode("latin-1") + b"\xe9")
+    (tmp_path / "dog.png").write_bytes(_png(np.zeros((32, 32), dtype=np.uint16)))
+    (tmp_path / "dog.txt").write_text("a dog", encoding="utf-8")
+    table = read_image_files([str(tmp_path / "cat.png"), str(tmp_path / "dog.png")], str(tmp_path)).to_pydict()
+    assert table["caption"] == [None, "a dog"]
+    assert "cat.txt: caption bytes are not UTF-8" in table["caption_error"][0] and table["caption_error"][1] is None
