@@ -182,7 +182,10 @@ class RollingParquetWriter:
             if self._writer is None:
                 name = f"{self.prefix}-{len(self.written):04d}.parquet"
                 os.makedirs(self.folder, exist_ok=True)
-                self._writer = pq.ParquetWriter(os.path.join(self.folder, name), table.schema)
+                # Page CRCs: readers verify them (apex_ray.engine.prepared), so a flipped bit in a
+                # latent or a text embedding fails the read instead of training silently.
+                self._writer = pq.ParquetWriter(os.path.join(self.folder, name), table.schema,
+                                                write_page_checksum=True)
                 self.written.append((name, 0))
             name, rows = self.written[-1]
             take = table.num_rows if self.max_rows is None else min(table.num_rows, self.max_rows - rows)

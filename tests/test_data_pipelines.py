@@ -513,3 +513,35 @@ def test_a_non_utf8_caption_file_is_rejected_as_undecodable(tmp_path):
     table = read_image_files([str(tmp_path / "cat.png"), str(tmp_path / "dog.png")], str(tmp_path)).to_pydict()
     assert table["caption"] == [None, "a dog"]
     assert "cat.txt: caption bytes are not UTF-8" in table["caption_error"][0] and table["caption_error"][1] is None
+
+
+def _flip_a_byte_in_the_data(shard: Path) -> None:
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # well inside the column pages, away from the footer
+    shard.write_bytes(bytes(data))
+
+
+def test_a_damaged_shard_fails_its_read_instead_of_training_silently(prepared, tmp_path):
+    import shutil
+
+    from apex_ray.engine.prepared import CorruptShardError, prepared_dataset, read_rows
+
+    output, _ = prepared
+    copy = tmp_path / "set"
+    shutil.copytree(output, copy)
+    assert read_rows(copy, ["caption"])["caption"]  # intact: reads
+    _flip_a_byte_in_the_data(sorted((copy / "shards").glob("*.parquet"))[0])
+    with pytest.raises(CorruptShardError, match="is damaged"):
+        read_rows(copy, ["caption", "latent", "text_embeds"])
+    with pytest.raises(Exception, match="(?i)checksum"):  # the Ray Data path verifies the same pages
+        prepared_dataset(copy).take_all()
+
+
+def test_shards_without_checksums_still_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from apex_ray.engine.prepared import read_shard
+
+    pq.write_table(pa.table({"x": list(range(10))}), tmp_path / "old.parquet")  # no page CRCs
+    assert read_shard(str(tmp_path / "old.parquet")).num_rows == 10

@@ -160,6 +160,10 @@ def test_a_failure_before_training_marks_the_mlflow_run_failed(ray_cluster, tmp_
     [experiment] = [e for e in client.search_experiments() if e.name == config.tracking.experiment]
     runs = client.search_runs([experiment.experiment_id], "tags.mlflow.runName = 'early-failure'")
     assert [r.info.status for r in runs] == ["FAILED"]
+    with pytest.raises(Exception):  # the rerun logs into the same run, not a second one of that name
+        run(config)
+    again = client.search_runs([experiment.experiment_id], "tags.mlflow.runName = 'early-failure'")
+    assert [(r.info.run_id, r.info.status) for r in again] == [(runs[0].info.run_id, "FAILED")]
 
 
 @pytest.mark.slow

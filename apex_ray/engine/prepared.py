@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
@@ -69,7 +70,19 @@ def prepared_dataset(path: str | os.PathLike, columns: list[str] | None = None, 
                          f"see {REJECTS})")
     if columns is None:
         columns = [c for c in TRAINING_COLUMNS if c != "pooled" or manifest.get("pooled_shape")]
-    return ray.data.read_parquet(shard_paths(path, manifest), **read_parquet_args).select_columns(columns)
+    verify = pds.ParquetFragmentScanOptions(page_checksum_verification=True)
+    # Ray 2.60's V2 parquet reader sets its own scan options and drops ours; the V1 reader passes
+    # them to pyarrow, so every shard page is CRC-checked as it streams (tests hold this).
+    context = ray.data.DataContext.get_current()
+    v2 = getattr(context, "use_datasource_v2", None)
+    if v2 is not None:
+        context.use_datasource_v2 = False
+    try:
+        dataset = ray.data.read_parquet(shard_paths(path, manifest), fragment_scan_options=verify, **read_parquet_args)
+    finally:
+        if v2 is not None:
+            context.use_datasource_v2 = v2
+    return dataset.select_columns(columns)
 
 
 def to_training_batch(batch: Mapping[str, np.ndarray | torch.Tensor]) -> Batch:
@@ -96,6 +109,20 @@ def as_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value)
 
 
+def read_shard(path: str, columns: list[str] | None = None) -> pa.Table:
+    """One shard, its parquet page checksums verified (shards are written with them)."""
+    try:
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
+    except OSError as err:
+        if "checksum" in str(err).lower():
+            raise CorruptShardError(f"{path} is damaged ({err}); prepare the set again") from None
+        raise
+
+
+class CorruptShardError(ValueError):
+    """A shard's bytes do not match the checksums written with them."""
+
+
 def read_rows(path: str | os.PathLike, columns: list[str], limit: int | None = None) -> dict[str, Any]:
     """Columns of the first ``limit`` rows (all by default) with pyarrow only: tensor columns as
     arrays ``[N, ...]``, string columns as lists."""
@@ -103,7 +130,7 @@ def read_rows(path: str | os.PathLike, columns: list[str], limit: int | None = N
     for shard in shard_paths(path):
         if limit is not None and rows >= limit:
             break
-        table = pq.read_table(shard, columns=columns)
+        table = read_shard(shard, columns)
         tables.append(table)
         rows += table.num_rows
     if not tables:

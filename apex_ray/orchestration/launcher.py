@@ -112,6 +112,8 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None,
     logger = None
     if (storage / run_name).exists():  # Ray Train resumes this run from its latest checkpoint
         logger = RunLogger.find(tracking_uri, config.tracking.experiment, run_name)
+    elif config.tracking.run_name:  # an attempt that died before its first checkpoint: same run again
+        logger = RunLogger.find(tracking_uri, config.tracking.experiment, run_name, ("FAILED", "KILLED"))
     if logger is None:
         logger = RunLogger.create(tracking_uri, config.tracking.experiment, run_name, tags, config.to_flat_dict())
     # From here on the MLflow run says how this attempt ended, whatever ends it.
@@ -136,29 +138,30 @@ def _fit(config: Config, run_name: str, storage: Path, tracking_uri: str, logger
     from apex_ray.orchestration.worker import train_worker
 
     prepared = _prepared_path(config)
+    datasets = None if prepared is None else {"train": prepared_dataset(prepared)}
     queue = Queue(actor_options={"num_cpus": 0})
     stop = threading.Event()
     printer = threading.Thread(target=_print_progress, args=(queue, stop), daemon=True)
     printer.start()
-    trainer = TorchTrainer(
-        train_loop or train_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "tracking_uri": tracking_uri,
-                           "run_id": logger.run_id, "progress_queue": queue,
-                           "prepared_path": None if prepared is None else str(prepared)},
-        datasets=None if prepared is None else {"train": prepared_dataset(prepared)},
-        scaling_config=ScalingConfig(num_workers=config.world_size, use_gpu=config.distributed.use_gpu,
-                                     resources_per_worker={"CPU": config.distributed.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if config.distributed.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=run_name, storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=config.distributed.max_failures),
-            callbacks=callbacks,
-        ),
-    )
-    print(f"apex-ray: run {run_name!r} | {config.world_size} x {config.distributed.strategy} worker(s) | "
-          f"{config.train.steps} steps of {config.objective.kind} on {config.model.backbone}", flush=True)
-    try:
+    try:  # the printer thread and the queue actor end with this attempt, however it ends
+        trainer = TorchTrainer(
+            train_loop or train_worker,
+            train_loop_config={"config": config.model_dump(mode="json"), "tracking_uri": tracking_uri,
+                               "run_id": logger.run_id, "progress_queue": queue,
+                               "prepared_path": None if prepared is None else str(prepared)},
+            datasets=datasets,
+            scaling_config=ScalingConfig(num_workers=config.world_size, use_gpu=config.distributed.use_gpu,
+                                         resources_per_worker={"CPU": config.distributed.cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if config.distributed.use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=run_name, storage_path=str(storage),
+                checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=config.distributed.max_failures),
+                callbacks=callbacks,
+            ),
+        )
+        print(f"apex-ray: run {run_name!r} | {config.world_size} x {config.distributed.strategy} worker(s) | "
+              f"{config.train.steps} steps of {config.objective.kind} on {config.model.backbone}", flush=True)
         result = trainer.fit()
     finally:
         stop.set()

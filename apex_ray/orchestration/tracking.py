@@ -82,15 +82,17 @@ class RunLogger:
         return logger
 
     @classmethod
-    def find(cls, tracking_uri: str, experiment: str, run_name: str) -> "RunLogger | None":
-        """The latest run called ``run_name`` (to keep logging into it when training resumes)."""
+    def find(cls, tracking_uri: str, experiment: str, run_name: str,
+             statuses: tuple[str, ...] | None = None) -> "RunLogger | None":
+        """The latest run called ``run_name`` (to keep logging into it when training resumes);
+        with ``statuses``, only if that run ended in one of them."""
         client = MlflowClient(tracking_uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
             return None
         runs = client.search_runs([found.experiment_id], f"attributes.run_name = '{run_name}'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
-        if not runs:
+        if not runs or (statuses is not None and runs[0].info.status not in statuses):
             return None
         client.update_run(runs[0].info.run_id, status="RUNNING")
         return cls(tracking_uri, runs[0].info.run_id)
