@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -133,14 +133,12 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check_consistency(self, info: ValidationInfo) -> "Config":
         self._check_presets()
-        workers = 1 if self.distributed.strategy == "single" else self.distributed.num_workers
         if self.distributed.strategy == "single" and self.distributed.num_workers != 1:
             raise ValueError("distributed.strategy=single needs distributed.num_workers=1")
-        micro = self.train.micro_batch or max(1, self.train.global_batch // workers)
-        if self.train.global_batch % (micro * workers):
+        if self.train.global_batch % (self.micro_batch * self.world_size):
             raise ValueError(
                 f"train.global_batch={self.train.global_batch} is not divisible by "
-                f"train.micro_batch={micro} x distributed.num_workers={workers}"
+                f"train.micro_batch={self.micro_batch} x distributed.num_workers={self.world_size}"
             )
         if self.data.source == "prepared" and not self.data.path:
             raise ValueError("data.path is required when data.source=prepared")
@@ -217,10 +215,7 @@ class Config(_Section):
         tree = self.model_dump(mode="json")
         for key, value in changes.items():
             set_dotted(tree, key, value)
-        try:
-            return Config.model_validate(tree, context={"check_files": check_files})
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err)) from None
+        return validate_tree(Config, tree, context={"check_files": check_files})
 
     def to_flat_dict(self) -> dict[str, Any]:
         """``{"optim.lr": 1e-4, ...}``: the whole resolved config, for MLflow params."""
@@ -326,11 +321,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     files (``apex_ray.plan`` sizes a config whose data lives on the cluster).
     Raises :class:`ConfigError`.
     """
-    tree = read_config_tree(path, overrides)
+    return validate_tree(Config, read_config_tree(path, overrides), context={"check_files": check_files})
+
+
+_Schema = TypeVar("_Schema", bound=BaseModel)
+
+
+def validate_tree(schema: type[_Schema], tree: dict[str, Any], fields_in: str = "apex_ray/config.py",
+                  context: dict[str, Any] | None = None) -> _Schema:
+    """``schema`` from a nested dict; a :class:`ConfigError` naming each bad field otherwise."""
     try:
-        return Config.model_validate(tree, context={"check_files": check_files})
+        return schema.model_validate(tree, context=context)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+        raise ConfigError(format_validation_error(err, fields_in)) from None
 
 
 def format_validation_error(err: ValidationError, fields_in: str = "apex_ray/config.py") -> str:

@@ -12,14 +12,9 @@ import json
 import os
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from apex_ray.config import (
-    ConfigError,
-    format_validation_error,
-    read_config_tree,
-    set_dotted,
-)
+from apex_ray.config import read_config_tree, set_dotted, validate_tree
 from apex_ray.models import BACKBONE_PRESETS, TEXT_ENCODER_PRESETS
 
 CodecName = Literal["pixel", "autoencoder-kl", "autoencoder-dc", "autoencoder-kl-qwenimage"]
@@ -160,10 +155,7 @@ def load_job_config(schema: type[_Job], path: str | os.PathLike | None = None, o
     tree = read_config_tree(path, overrides)
     for key, value in (settings or {}).items():
         set_dotted(tree, key, value)
-    try:
-        return schema.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, fields_in="data_pipelines/config.py")) from None
+    return validate_tree(schema, tree, fields_in="data_pipelines/config.py")
 
 
 def load_prepare_config(path: str | os.PathLike | None = None, overrides: list[str] = (),

@@ -9,6 +9,7 @@ dropped silently.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -55,7 +56,7 @@ def load_rgb(data: bytes | None, size: int, min_side: int, max_pixels: int = DEF
             # JPEG decodes at 1/2, 1/4 or 1/8 scale when the result still covers the crop.
             keep = max(size, min_side) / min(width, height)
             if keep < 1:
-                image.draft("RGB", (max(1, round(width * keep + 0.5)), max(1, round(height * keep + 0.5))))
+                image.draft("RGB", (math.ceil(width * keep), math.ceil(height * keep)))
             image.load()
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)

@@ -15,14 +15,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from apex_ray.config import Config, ConfigError
-from apex_ray.orchestration.tracking import RunLogger, check_store_reachable, resolve_tracking_uri
+from apex_ray.orchestration.tracking import RunLogger, resolve_tracking_uri
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall")
 
@@ -271,11 +270,10 @@ def run_sweep(sweep: Sweep) -> list[TrialOutcome]:
     import ray
     from ray import tune
 
-    from apex_ray.orchestration.launcher import alive_nodes, start_ray
+    from apex_ray.orchestration.launcher import connect
 
     uri, first = validate(sweep)
-    start_ray(sweep.verbose, first.world_size, first.distributed.cpus_per_worker)
-    check_store_reachable(uri, alive_nodes(), os.environ.get("RAY_ADDRESS"))  # before any trial or run
+    connect(first, uri, sweep.verbose)  # before the parent run or any trial
     sweep.directory.mkdir(parents=True, exist_ok=True)
     parent = RunLogger.find(uri, sweep.base.tracking.experiment, sweep.name) if sweep.resume else None
     if parent is None:

@@ -59,10 +59,14 @@ def start_ray(verbose: bool, workers: int, cpus_per_worker: float) -> None:
         ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
 
 
-def alive_nodes() -> int:
+def connect(config: Config, tracking_uri: str, verbose: bool = False) -> None:
+    """Start or join Ray for ``config``'s workers, then refuse a file-based tracking store that
+    rank 0 could not open from another node (before any run, data job or trainer)."""
     import ray
 
-    return sum(bool(node["Alive"]) for node in ray.nodes())
+    start_ray(verbose, config.world_size, config.distributed.cpus_per_worker)
+    alive = sum(bool(node["Alive"]) for node in ray.nodes())
+    check_store_reachable(tracking_uri, alive, os.environ.get("RAY_ADDRESS"))
 
 
 def _prepared_path(config: Config) -> Path | None:
@@ -99,8 +103,7 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None,
     default (tests wrap it to inject faults).
     """
     tracking_uri = preflight(config)
-    start_ray(verbose, config.world_size, config.distributed.cpus_per_worker)
-    check_store_reachable(tracking_uri, alive_nodes(), os.environ.get("RAY_ADDRESS"))
+    connect(config, tracking_uri, verbose)
     output_dir = Path(config.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     config = config.model_copy(update={"output_dir": str(output_dir)})

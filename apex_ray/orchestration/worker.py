@@ -19,11 +19,7 @@ import torch
 from apex_ray.common.seeds import derive_seed
 from apex_ray.config import Config
 from apex_ray.engine.build import Training, backbone_config, build_training
-from apex_ray.engine.checkpointing import (
-    load_checkpoint,
-    save_checkpoint,
-    write_run_description,
-)
+from apex_ray.engine.checkpointing import load_checkpoint, save_checkpoint, write_run_description
 from apex_ray.engine.collectives import all_reduce_mean
 from apex_ray.engine.evaluation import EvalPrompts, evaluate_during_training
 from apex_ray.engine.export import export_weights
