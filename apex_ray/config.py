@@ -42,8 +42,8 @@ class DataConfig(_Section):
     # inline-shapeeval: each worker generates and encodes ShapeEval in memory (no Ray Data; the
     # data order is exactly reproducible, so resumes are bit-exact).
     source: Literal["shapeeval", "prepared", "inline-shapeeval"] = "shapeeval"
-    path: str | None = None  # prepared dataset folder (required for source=prepared)
-    cache_dir: str = "~/.cache/apex-ray/data"  # where source=shapeeval keeps its prepared set
+    path: str | None = None  # prepared dataset folder or URI (s3://...; required for source=prepared)
+    cache_dir: str = "~/.cache/apex-ray/data"  # where source=shapeeval keeps its prepared set (local or shared mount)
     num_samples: int = Field(2048, gt=0)  # ShapeEval pairs generated for the embedded default
     image_size: Literal[32, 64] = 32
     seed: int = 0
@@ -85,6 +85,10 @@ class ScheduleConfig(_Section):
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     max_nonfinite_steps: int = Field(5, gt=0)  # abort (with a checkpoint) after this many in a row
+    # A step_* checkpoint folder (path or URI, of any run) that a new run starts from: weights,
+    # optimiser, EMA, step and data position. Once the run has checkpoints of its own, a restart
+    # resumes from those.
+    resume_from: str | None = None
 
 
 class DistributedConfig(_Section):
@@ -95,6 +99,8 @@ class DistributedConfig(_Section):
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
     max_failures: int = Field(2, ge=-1)  # worker failures to recover from; -1 = unlimited
+    # How Ray places the workers: PACK fills a node first; STRICT_SPREAD puts each on its own node.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class TrackingConfig(_Section):
@@ -128,6 +134,8 @@ class Config(_Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    # Checkpoints, exports and Ray Train's run state: a local folder, a shared mount, or a URI
+    # (s3://bucket/prefix, gs://...) for multi-node runs; see apex_ray.common.storage.
     output_dir: str = "runs/apex"
 
     @model_validator(mode="after")
@@ -142,6 +150,14 @@ class Config(_Section):
             )
         if self.data.source == "prepared" and not self.data.path:
             raise ValueError("data.path is required when data.source=prepared")
+        if self.data.source != "prepared" and self.data.num_samples // self.world_size < self.micro_batch:
+            raise ValueError(f"data.num_samples={self.data.num_samples} gives each of the {self.world_size} workers "
+                             f"{self.data.num_samples // self.world_size} samples, fewer than one micro-batch of "
+                             f"{self.micro_batch}; raise data.num_samples or lower train.global_batch")
+        if self.data.source == "shapeeval" and not _is_local(self.data.cache_dir):
+            raise ValueError(f"data.cache_dir: {self.data.cache_dir!r} is a URI, but the ShapeEval set is prepared "
+                             "into a local folder (use a shared mount on a cluster); for a set in object storage "
+                             "set data.source=prepared and data.path=s3://...")
         if (info.context or {}).get("check_files", True):
             self._check_files()
         return self

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from apex_ray.config import ConfigError, load_config
-from apex_ray.orchestration.launcher import run
+from apex_ray.orchestration.launcher import RunFailed, run
 from apex_ray.orchestration.tracking import TrackingError, redact_credentials
 
 
@@ -19,8 +19,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    parser.add_argument("--resume-from", metavar="STEP_DIR",
+                        help="start this run from a checkpoint folder (a run's step_* folder, path or URI): "
+                             "weights, optimiser, EMA, step and data position (= train.resume_from)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-4")
     args = parser.parse_args(argv)
+    if args.resume_from:
+        args.overrides = [*args.overrides, f"train.resume_from={args.resume_from}"]
     if not args.verbose:
         import logging
 
@@ -31,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: the MLflow run is marked KILLED; rerun the same command with the same "
               "tracking.run_name to resume from its latest checkpoint", file=sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-from pathlib import Path
 from typing import Callable
 
 from apex_ray.config import ConfigError, load_config
@@ -111,5 +110,5 @@ def execute(build: Callable[[argparse.Namespace], Sweep], args: argparse.Namespa
     for o in failed:
         print(f"  {o.label}: {o.status}" + (f" ({o.error})" if o.error else ""))
     print(f"{len(outcomes) - len(failed)}/{len(outcomes)} trials ok in {minutes:.1f} min; "
-          f"results in {Path(sweep.directory).resolve()} and the MLflow run {sweep.name!r}")
+          f"results in {sweep.directory} and the MLflow run {sweep.name!r}")
     return 0 if len(failed) < len(outcomes) else 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from sweeps.cli import base_config, execute, floats, parser, search_ranges, value_range
 from sweeps.tuning import Cell, SearchRange, Sweep
@@ -35,7 +34,7 @@ def build(args: argparse.Namespace) -> Sweep:
     base = base_config(args, (f"objective.apex.shift_target={args.target}",))
     ranges = search_ranges(args, [SearchRange("objective.apex.shift_a", *args.a_range),
                                   SearchRange("objective.apex.shift_b", *args.b_range, log=args.b_range[0] > 0)])
-    return Sweep(name=args.name, kind="condition_shift", base=base, output_dir=Path(args.output_dir),
+    return Sweep(name=args.name, kind="condition_shift", base=base, output_dir=args.output_dir,
                  cells=[] if ranges else cells(args.a, args.b), search=ranges, num_samples=args.trials,
                  nfe=args.nfe, concurrency=args.concurrency, scheduler=args.scheduler, resume=args.resume,
                  verbose=args.verbose)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from sweeps.cli import base_config, execute, parser, search_ranges, value_range
 from sweeps.tuning import Cell, SearchRange, Sweep
@@ -43,7 +42,7 @@ def cells(pairs: list[tuple[float, float]]) -> list[Cell]:
 def build(args: argparse.Namespace) -> Sweep:
     ranges = search_ranges(args, [SearchRange("objective.apex.lambda_endpoint", *args.endpoint_range,
                                               log=args.endpoint_range[0] > 0)])
-    return Sweep(name=args.name, kind="loss_weights", base=base_config(args), output_dir=Path(args.output_dir),
+    return Sweep(name=args.name, kind="loss_weights", base=base_config(args), output_dir=args.output_dir,
                  cells=[] if ranges else cells(args.ratios), search=ranges, num_samples=args.trials,
                  nfe=args.nfe, concurrency=args.concurrency, scheduler=args.scheduler, resume=args.resume,
                  verbose=args.verbose)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from apex_ray.common import storage
 from apex_ray.config import Config, ConfigError
 from apex_ray.orchestration.tracking import RunLogger, resolve_tracking_uri
 
@@ -53,7 +54,7 @@ class Sweep:
     name: str
     kind: str  # "condition_shift" | "loss_weights": the table layout
     base: Config
-    output_dir: Path
+    output_dir: str  # a local folder or a URI (s3://...), see apex_ray.common.storage
     cells: list[Cell] = field(default_factory=list)  # grid search
     search: list[SearchRange] = field(default_factory=list)  # optuna
     num_samples: int = 0  # optuna trial budget
@@ -65,15 +66,15 @@ class Sweep:
     train_loop: Callable[[dict], None] | None = None  # the per-worker loop of every trial (default: train_worker)
 
     def __post_init__(self) -> None:
-        self.output_dir = Path(self.output_dir).expanduser().resolve()  # Tune needs an absolute path
+        self.output_dir = storage.resolve(self.output_dir)  # Tune needs an absolute path (or a URI)
 
     @property
     def metric(self) -> str:
         return f"shapeeval_nfe{self.nfe}/overall"
 
     @property
-    def directory(self) -> Path:
-        return self.output_dir / self.name
+    def directory(self) -> str:
+        return storage.join(self.output_dir, self.name)
 
 
 @dataclass
@@ -108,7 +109,7 @@ def build_trial_config(sweep: Sweep, label: str, overrides: dict[str, Any], trac
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # nests the child under the parent in the UI
     changes = {**overrides, "tracking.tracking_uri": tracking_uri, "tracking.run_name": f"{sweep.name}/{label}",
-               "tracking.tags": tags, "output_dir": str(sweep.directory / "trials" / slug(label))}
+               "tracking.tags": tags, "output_dir": storage.join(sweep.directory, "trials", slug(label))}
     try:
         return sweep.base.with_changes(changes)
     except ConfigError as err:  # the message names the field
@@ -250,11 +251,11 @@ def validate(sweep: Sweep) -> tuple[str, Config]:
             raise SweepError(f"search range for {r.key}: low {r.low} must be below high {r.high}")
         if r.log and r.low <= 0:
             raise SweepError(f"search range for {r.key}: a log range needs low > 0")
-    state = sweep.directory / "tune"
-    if state.exists() and not sweep.resume:
+    state = storage.join(sweep.directory, "tune")
+    if storage.exists(state) and not sweep.resume:
         raise SweepError(f"sweep {sweep.name!r} already exists in {sweep.directory}; pass --resume to "
                          "finish it, or --name NEW to start another")
-    if sweep.resume and not state.exists():
+    if sweep.resume and not storage.exists(state):
         raise SweepError(f"--resume: no sweep {sweep.name!r} in {sweep.directory}")
     from apex_ray.orchestration.launcher import preflight
 
@@ -274,7 +275,8 @@ def run_sweep(sweep: Sweep) -> list[TrialOutcome]:
 
     uri, first = validate(sweep)
     connect(first, uri, sweep.verbose)  # before the parent run or any trial
-    sweep.directory.mkdir(parents=True, exist_ok=True)
+    if not storage.is_uri(sweep.directory):
+        Path(sweep.directory).mkdir(parents=True, exist_ok=True)
     parent = RunLogger.find(uri, sweep.base.tracking.experiment, sweep.name) if sweep.resume else None
     if parent is None:
         params = {"sweep": sweep.kind, "metric": sweep.metric, "trials": len(sweep.cells) or sweep.num_samples,
@@ -291,15 +293,15 @@ def run_sweep(sweep: Sweep) -> list[TrialOutcome]:
         tune.with_parameters(run_trial, sweep=sweep, tracking_uri=uri, parent_run_id=parent.run_id),
         {"CPU": 0, "memory": 64 * 1024**2},  # the driver only waits; it must not hold a CPU a worker needs
     )
-    state = sweep.directory / "tune"
+    state = storage.join(sweep.directory, "tune")
     progress = _progress_printer(sweep, len(sweep.cells) or sweep.num_samples)
     try:
         if sweep.resume:
-            tuner = tune.Tuner.restore(str(state), trainable=trainable, resume_unfinished=True,
+            tuner = tune.Tuner.restore(state, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:
             tuner = tune.Tuner(trainable, param_space=_param_space(sweep), tune_config=_tune_config(sweep, concurrency),
-                               run_config=tune.RunConfig(name="tune", storage_path=str(sweep.directory),
+                               run_config=tune.RunConfig(name="tune", storage_path=sweep.directory,
                                                          verbose=1 if sweep.verbose else 0, callbacks=[progress]))
         tuner.fit()
     except BaseException:
@@ -307,7 +309,7 @@ def run_sweep(sweep: Sweep) -> list[TrialOutcome]:
         raise
     from ray.tune import ExperimentAnalysis
 
-    outcomes = [_outcome(trial, sweep) for trial in ExperimentAnalysis(str(state)).trials]
+    outcomes = [_outcome(trial, sweep) for trial in ExperimentAnalysis(state).trials]
     # An interrupted sweep may not have created every trial yet: those are unfinished too.
     seen = {o.label for o in outcomes}
     outcomes += [TrialOutcome(c.label, c.row, c.column, c.overrides, "unfinished", {})

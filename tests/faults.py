@@ -51,3 +51,51 @@ class CrashAtStep:
             train_worker(loop_config)
         finally:
             StepRunner.train_step = original
+
+
+class PauseAtStep:
+    """Run the real worker loop, but rank ``rank`` stops just before optimiser step ``step`` (once:
+    the ``marker`` file survives restarts) and waits, having written its Ray node id into
+    ``marker``, so that a test can take that node away while the run is in flight."""
+
+    def __init__(self, step: int, marker: str | os.PathLike, rank: int = 1, wait_s: float = 300.0) -> None:
+        self.step, self.marker, self.rank, self.wait_s = step, str(marker), rank, wait_s
+
+    def __call__(self, loop_config: dict) -> None:
+        import ray
+        import ray.train
+
+        from apex_ray.engine.step import StepRunner
+        from apex_ray.orchestration.worker import train_worker
+
+        armed = ray.train.get_context().get_world_rank() == self.rank
+        original, drill = StepRunner.train_step, self
+
+        def train_step(runner, micro_batches):
+            if armed and runner.step + 1 == drill.step and not Path(drill.marker).exists():
+                Path(drill.marker).write_text(ray.get_runtime_context().get_node_id())
+                time.sleep(drill.wait_s)  # the test removes this node meanwhile
+            return original(runner, micro_batches)
+
+        StepRunner.train_step = train_step
+        try:
+            train_worker(loop_config)
+        finally:
+            StepRunner.train_step = original
+
+
+class CountAttempts:
+    """Run the real worker loop; rank 0 appends a line to ``log`` each time a worker group starts."""
+
+    def __init__(self, log: str | os.PathLike) -> None:
+        self.log = str(log)
+
+    def __call__(self, loop_config: dict) -> None:
+        import ray.train
+
+        from apex_ray.orchestration.worker import train_worker
+
+        if ray.train.get_context().get_world_rank() == 0:
+            with open(self.log, "a") as file:
+                file.write(f"{time.time()}\n")
+        train_worker(loop_config)

@@ -1,11 +1,11 @@
 """Cluster-config errors that must fail before any cluster work, naming what to change."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
 from apex_ray.config import load_config
+from servers import simulated_cluster
 from apex_ray.orchestration.tracking import TrackingError, check_store_reachable, is_local_store
 
 
@@ -28,24 +28,16 @@ def test_a_local_store_is_refused_on_several_nodes_or_through_a_ray_client():
 
 @pytest.mark.slow
 def test_training_on_a_two_node_cluster_refuses_the_sqlite_default_before_any_work(tmp_path):
-    import tempfile
-
     import ray
-    from ray.cluster_utils import Cluster
 
     from apex_ray.orchestration.launcher import run
 
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are capped at 107 bytes
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                           "temp_dir": temp_dir})
-    cluster.add_node(num_cpus=1)
-    try:
+    with simulated_cluster({"num_cpus": 1, "include_dashboard": False}, [{"num_cpus": 1}]) as cluster:
         ray.init(address=cluster.address, log_to_driver=False)
-        config = load_config(None, [f"output_dir={tmp_path / 'out'}", "distributed.num_workers=2"])
-        with pytest.raises(TrackingError, match="the cluster has 2 nodes"):
-            run(config)
-        assert not (tmp_path / "out").exists()  # no MLflow store, no run folder, no data job
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        try:
+            config = load_config(None, [f"output_dir={tmp_path / 'out'}", "distributed.num_workers=2"])
+            with pytest.raises(TrackingError, match="the cluster has 2 nodes"):
+                run(config)
+            assert not (tmp_path / "out").exists()  # no MLflow store, no run folder, no data job
+        finally:
+            ray.shutdown()

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+import servers
 from faults import CrashAtStep
 from sweeps import condition_shift, loss_weights
 from sweeps.tuning import (
@@ -86,39 +85,11 @@ def test_existing_sweep_needs_resume(tmp_path, capsys):
     assert "no sweep 'other'" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 with a sqlite store and proxied artifacts."""
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        process.kill()
-        pytest.fail("mlflow server did not come up in 120 s")
-    yield uri
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # the server's workers can linger after SIGTERM
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+    with servers.mlflow_server(tmp_path) as uri:
+        yield uri
 
 
 def _rest(uri: str, endpoint: str, payload: dict | None = None) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from apex_ray.common import storage
+
 ASSETS = Path(__file__).resolve().parent
 
 # name -> (backbone preset and text encoder it was trained with, folder written by save_pretrained)
@@ -13,7 +15,10 @@ BUNDLED_MODELS: dict[str, tuple[str, str, Path]] = {
 
 
 def resolve_pretrained(value: str | os.PathLike | None) -> str | None:
-    """``bundled:<name>`` -> the shipped folder; anything else (path, hub id, None) unchanged."""
+    """``bundled:<name>`` -> the shipped folder; a URI (``s3://.../export/ema``) -> a local copy
+    downloaded once per node; anything else (path, hub id, None) unchanged."""
+    if value is not None and storage.is_uri(value):
+        return str(storage.cached_copy(value))
     if value is None or not str(value).startswith("bundled:"):
         return None if value is None else str(value)
     if str(value) not in BUNDLED_MODELS:

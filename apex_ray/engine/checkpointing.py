@@ -7,8 +7,10 @@ same in one process (no process group) and under torch.distributed.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from apex_ray.common import storage
+from apex_ray.common.errors import InputError
 from apex_ray.common.files import atomic_path, write_json_atomic
 from apex_ray.models.lora import (
     TRAINED_ADAPTER,
@@ -135,7 +139,51 @@ def load_checkpoint(directory: str | os.PathLike, state: TrainingState) -> dict[
     return extra
 
 
-def read_extra_state(path: str | os.PathLike) -> dict[str, Any]:
+class DamagedCheckpointError(InputError):
+    """No checkpoint of the run can be loaded; the message lists each one's problem."""
+
+
+def checkpoint_problem(location: str | os.PathLike) -> str | None:
+    """Why the checkpoint at ``location`` (a folder or a URI) cannot be loaded, or None when it is
+    intact.
+
+    Structural, cheap (no shard is downloaded) and the same on every rank: DCP's ``.metadata``
+    (written after every rank's shards) reads; every shard file it names exists and is long
+    enough for every tensor stored in it; rank 0's extra state loads as plain data and the extra
+    state of every rank it names exists. A crash mid-write, an upload cut short, a truncated copy
+    or a deleted file fails here rather than in the middle of ``dcp.load``."""
+    location = storage.resolve(location)
+    if not storage.is_file(storage.join(location, ".metadata")):
+        return "no DCP .metadata (the write did not finish)"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:  # DCP reads its metadata from a folder
+            (Path(tmp) / ".metadata").write_bytes(storage.read_bytes(storage.join(location, ".metadata")))
+            metadata = dcp.FileSystemReader(tmp).read_metadata()
+    except Exception as err:  # a damaged pickle raises anything
+        return f".metadata does not read ({type(err).__name__}: {err})"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        found = storage.size(storage.join(location, name))
+        if found is None:
+            return f"shard file {name} is missing"
+        if found < size:
+            return f"shard file {name} is truncated ({found} of {size} bytes)"
+    first = storage.join(location, EXTRA_FILE.format(rank=0))
+    if not storage.is_file(first):
+        return f"{EXTRA_FILE.format(rank=0)} is missing"
+    try:
+        extra = read_extra_state(io.BytesIO(storage.read_bytes(first)))
+    except Exception as err:
+        return f"{EXTRA_FILE.format(rank=0)} does not load ({type(err).__name__}: {str(err).splitlines()[0]})"
+    for rank in range(1, int(extra.get("world_size", 1))):
+        if not storage.is_file(storage.join(location, EXTRA_FILE.format(rank=rank))):
+            return f"{EXTRA_FILE.format(rank=rank)} is missing (the checkpoint was written by {extra['world_size']} workers)"
+    return None
+
+
+def read_extra_state(path: str | os.PathLike | io.BytesIO) -> dict[str, Any]:
     """A rank's ``extra_rank*.pt``: tensors, numbers and containers only. A checkpoint copied from
     elsewhere is data; a pickle that asks to build any other object is refused, not run."""
     try:

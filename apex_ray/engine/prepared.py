@@ -1,5 +1,8 @@
 """Reading a prepared set: its manifest, its shards as a Ray Dataset, training batches, plain arrays.
 
+A prepared set may live in a local folder, on a shared mount or in an object store
+(``s3://bucket/set``, see :mod:`apex_ray.common.storage`); every reader here takes either.
+
 A prepared set (written by ``python -m data_pipelines.prepare_latents``) is a folder with
 ``manifest.json`` (counts, shapes, dtypes, codec, text encoder, config hash, shard list),
 ``shards/*.parquet`` (``id``, ``caption``, ``latent`` [C, H, W], ``text_embeds`` [L, D],
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -23,8 +25,10 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 
+from apex_ray.common import storage
+from apex_ray.common.errors import InputError
 from apex_ray.method.batch import Batch
 from apex_ray.method.buffer import FakeSampleBuffer
 from apex_ray.method.conditioning import Conditioning
@@ -42,20 +46,22 @@ TRAINING_COLUMNS = ("latent", "text_embeds", "text_mask", "pooled")
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of the prepared set (or fake-sample buffer) at ``path``."""
-    file = Path(path) / MANIFEST
-    if not file.is_file():
+    file = storage.join(path, MANIFEST)
+    if not storage.is_file(file):
         raise FileNotFoundError(
             f"{str(path)!r} is not a complete prepared set or fake-sample buffer: {MANIFEST} is missing. "
             "Create one with `python -m data_pipelines.prepare_latents` (or `data_pipelines.fake_buffer`); "
             "a folder without a manifest is an interrupted run, which rerunning the job cleans up"
         )
-    return json.loads(file.read_text())
+    return storage.read_json(file)
 
 
 def shard_paths(path: str | os.PathLike, manifest: Mapping[str, Any] | None = None) -> list[str]:
-    """Absolute paths of the shards listed in the manifest, in order."""
+    """Absolute paths (or URIs, for a set in an object store) of the shards listed in the
+    manifest, in order."""
     manifest = manifest or read_manifest(path)
-    return [str(Path(path).resolve() / shard["file"]) for shard in manifest["shards"]]
+    root = storage.resolve(path)
+    return [storage.join(root, *shard["file"].split("/")) for shard in manifest["shards"]]
 
 
 def prepared_dataset(path: str | os.PathLike, columns: list[str] | None = None, **read_parquet_args):
@@ -119,7 +125,7 @@ def read_shard(path: str, columns: list[str] | None = None) -> pa.Table:
         raise
 
 
-class CorruptShardError(ValueError):
+class CorruptShardError(InputError):
     """A shard's bytes do not match the checksums written with them."""
 
 
@@ -164,7 +170,7 @@ def load_prepared_arrays(path: str | os.PathLike,
 
 def load_empty_prompt(path: str | os.PathLike) -> Conditioning:
     """The conditioning of the empty prompt ``""`` (batch of one), e.g. for classifier-free guidance."""
-    tensors = load_file(str(Path(path) / EMPTY_PROMPT))
+    tensors = load(storage.read_bytes(storage.join(path, EMPTY_PROMPT)))
     return Conditioning(tensors["embeds"][None].float(), tensors["mask"][None].long(),
                         tensors["pooled"][None].float() if "pooled" in tensors else None)
 

@@ -10,6 +10,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from apex_ray.common.errors import InputError
+from apex_ray.engine.prepared import CorruptShardError
 from apex_ray.common.images import images_to_tensor
 from apex_ray.common.seeds import derive_seed
 from apex_ray.method.batch import Batch
@@ -45,7 +47,8 @@ class BatchStream:
 
     def __init__(self, dataset: ArrayDataset, batch_size: int, seed: int) -> None:
         if batch_size > len(dataset):
-            raise ValueError(f"batch size {batch_size} exceeds the dataset size {len(dataset)}")
+            raise InputError(f"batch size {batch_size} exceeds this worker's {len(dataset)} samples; use more data "
+                             "(data.num_samples) or a smaller train.micro_batch / train.global_batch")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.epoch = self.position = 0
 
@@ -114,9 +117,15 @@ class ShardStream:
             except StopIteration:
                 self._batches, self.epoch, self.position = None, self.epoch + 1, 0
                 continue
+            except Exception as err:
+                if "checksum" in str(err).lower():  # pyarrow's page CRC check, raised in a Ray Data read task
+                    detail = next((line for line in str(err).splitlines() if "checksum" in line.lower()), "")
+                    raise CorruptShardError(f"a shard of the prepared set is damaged ({detail.strip()}); "
+                                            "prepare the set again") from err
+                raise
             self.position += 1
             return self.to_batch(batch)
-        raise RuntimeError(f"this worker's data shard yields no batch of {self.batch_size} rows; "
+        raise InputError(f"this worker's data shard yields no batch of {self.batch_size} rows; "
                            "use more data or a smaller train.micro_batch")
 
     def state_dict(self) -> dict[str, int]:

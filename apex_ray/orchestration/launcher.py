@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from apex_ray.config import Config
+from apex_ray.common import storage
+from apex_ray.common.errors import InputError
+from apex_ray.config import Config, ConfigError
 from apex_ray.orchestration.tracking import (
     RunLogger,
+    check_sqlite_writable,
     check_store_reachable,
     check_tracking_server,
     resolve_tracking_uri,
@@ -33,15 +36,46 @@ class TrainResult:
 
 
 def preflight(config: Config) -> str:
-    """The one check :func:`apex_ray.config.load_config` cannot make: the tracking store answers
-    (and, for a Ray client, is not a file on this machine).
+    """The checks :func:`apex_ray.config.load_config` cannot make offline: the tracking store
+    answers (and, for a Ray client, is not a file on this machine); inputs and output_dir given
+    as URIs (s3://...) can be opened.
 
-    Returns the tracking URI. Raises :class:`TrackingError`.
+    Returns the tracking URI. Raises :class:`TrackingError` or :class:`ConfigError`.
     """
     uri = resolve_tracking_uri(config.tracking.tracking_uri, config.output_dir)
     check_tracking_server(uri)
+    check_sqlite_writable(uri)
     check_store_reachable(uri, 1, os.environ.get("RAY_ADDRESS"))  # ray:// is refused before connecting
+    check_remote_locations(config)
+    if config.data.source == "prepared":
+        _check_enough_rows(config, storage.resolve(config.data.path))
     return uri
+
+
+def check_remote_locations(config: Config) -> None:
+    """Open every URI the run reads or writes, and the checkpoint it starts from, before any
+    cluster work, naming the field that fails."""
+    inputs = [("data.path", config.data.path if config.data.source == "prepared" else None),
+              ("objective.seed_buffer", config.objective.seed_buffer)]
+    for field, location in inputs:
+        if not location or not storage.is_uri(location):
+            continue
+        try:
+            found = storage.is_file(storage.join(location, "manifest.json"))
+        except OSError as err:
+            raise ConfigError(f"{field}: cannot open {location} ({err}); check the URI and the store's "
+                              "credentials / endpoint (AWS_ENDPOINT_URL, ...)") from None
+        if not found:
+            raise ConfigError(f"{field}: {location} has no manifest.json, so it is not a complete prepared set "
+                              "or fake-sample buffer; check the URI or rerun the data job that makes it")
+    if config.train.resume_from:
+        _check_resume_from(config.train.resume_from)
+    if storage.is_uri(config.output_dir):
+        try:
+            storage.check_writable(config.output_dir)
+        except OSError as err:
+            raise ConfigError(f"output_dir: cannot write to {config.output_dir} ({err}); check the bucket, the "
+                              "credentials and the endpoint (AWS_ENDPOINT_URL, ...)") from None
 
 
 def start_ray(verbose: bool, workers: int, cpus_per_worker: float) -> None:
@@ -69,16 +103,34 @@ def connect(config: Config, tracking_uri: str, verbose: bool = False) -> None:
     check_store_reachable(tracking_uri, alive, os.environ.get("RAY_ADDRESS"))
 
 
-def _prepared_path(config: Config) -> Path | None:
+def _check_resume_from(location: str) -> None:
+    from apex_ray.engine.checkpointing import checkpoint_problem
+
+    if storage.is_uri(location):
+        if not storage.is_file(storage.join(location, ".metadata")):
+            raise ConfigError(f"train.resume_from: {location} has no DCP .metadata, so it is not a complete "
+                              "checkpoint; pass a step_* folder of a run")
+        return
+    folder = Path(location).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"train.resume_from: {location!r} does not exist")
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        steps = sorted(p.name for p in folder.glob("step_*"))
+        hint = f"; it looks like a run folder: pass one of its step_* folders, e.g. {folder / steps[-1]}" if steps else ""
+        raise ConfigError(f"train.resume_from: {location!r} is not an intact checkpoint ({problem}){hint}")
+
+
+def _prepared_path(config: Config) -> str | None:
     """The prepared set to stream (made on first use for source=shapeeval); None for inline data."""
     if config.data.source == "prepared":
-        return Path(config.data.path).resolve()
+        return storage.resolve(config.data.path)
     if config.data.source == "shapeeval":
         from data_pipelines.shapeeval_set import ensure_shapeeval_prepared
 
-        return ensure_shapeeval_prepared(
+        return str(ensure_shapeeval_prepared(
             Path(config.data.cache_dir).expanduser(), config.data.num_samples, config.data.seed,
-            config.data.image_size, config.model.backbone, config.model.text_encoder, config.model.max_text_length)
+            config.data.image_size, config.model.backbone, config.model.text_encoder, config.model.max_text_length))
     return None
 
 
@@ -104,16 +156,17 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None,
     """
     tracking_uri = preflight(config)
     connect(config, tracking_uri, verbose)
-    output_dir = Path(config.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config = config.model_copy(update={"output_dir": str(output_dir)})
+    output_dir = storage.resolve(config.output_dir)
+    if not storage.is_uri(output_dir):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    config = config.model_copy(update={"output_dir": output_dir})
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_name = config.tracking.run_name or f"{config.objective.kind}-{config.model.backbone}-{stamp}"
     tags = {"objective": config.objective.kind, "backbone": config.model.backbone,
             "strategy": config.distributed.strategy, "workers": str(config.world_size), **config.tracking.tags}
-    storage = output_dir / "ray"
+    ray_storage = storage.join(output_dir, "ray")  # Ray Train's run state and checkpoints
     logger = None
-    if (storage / run_name).exists():  # Ray Train resumes this run from its latest checkpoint
+    if storage.exists(storage.join(ray_storage, run_name)):  # Ray Train resumes this run from its latest checkpoint
         logger = RunLogger.find(tracking_uri, config.tracking.experiment, run_name)
     elif config.tracking.run_name:  # an attempt that died before its first checkpoint: same run again
         logger = RunLogger.find(tracking_uri, config.tracking.experiment, run_name, ("FAILED", "KILLED"))
@@ -121,7 +174,7 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None,
         logger = RunLogger.create(tracking_uri, config.tracking.experiment, run_name, tags, config.to_flat_dict())
     # From here on the MLflow run says how this attempt ended, whatever ends it.
     try:
-        return _fit(config, run_name, storage, tracking_uri, logger, callbacks, train_loop)
+        return _fit(config, run_name, ray_storage, tracking_uri, logger, callbacks, train_loop)
     except KeyboardInterrupt:
         logger.finish("KILLED")
         raise
@@ -130,7 +183,66 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None,
         raise
 
 
-def _fit(config: Config, run_name: str, storage: Path, tracking_uri: str, logger: RunLogger,
+class RunFailed(RuntimeError):
+    """Training stopped for good; the message says why (a worker's own error where there is one)."""
+
+
+def input_error_in(error: BaseException | None) -> InputError | None:
+    """The :class:`InputError` a worker raised, found through Ray's wrappers (the original
+    exception travels as ``_base_exc`` / ``controller_failure`` / ``cause`` / ``__cause__``)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, InputError):
+            return error
+        error = next((nested for nested in (getattr(error, "_base_exc", None), getattr(error, "controller_failure", None),
+                                           getattr(error, "cause", None), error.__cause__)
+                      if isinstance(nested, BaseException)), None)
+    return None
+
+
+def _stop_on_input_error():
+    """A Ray Train callback (it runs in the controller) that ends the run at a worker's first
+    :class:`InputError` instead of restarting the workers ``max_failures`` times into the same
+    error: an exception raised by a callback is a controller error, which Ray Train does not retry."""
+    from ray.train import UserCallback
+
+    class StopOnInputError(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            for rank, error in sorted(worker_exceptions.items()):
+                found = input_error_in(error)
+                if found is not None:
+                    raise type(found)(f"worker {rank}: {found}")
+
+    return StopOnInputError()
+
+
+def _check_enough_rows(config: Config, prepared: str) -> None:
+    from apex_ray.engine.prepared import read_manifest
+
+    try:
+        rows = read_manifest(prepared)["rows_written"]
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.path: {err}") from None
+    if rows // config.world_size < config.micro_batch:
+        raise ConfigError(f"data.path: the prepared set {prepared} has {rows} rows, {rows // config.world_size} per "
+                          f"worker for {config.world_size} workers: fewer than one micro-batch of {config.micro_batch}; "
+                          "use more data or lower train.global_batch")
+
+
+def _deterministic_split():
+    """Ray Train's split of the streamed set, the same for the same seed on every run: blocks in
+    read order (``preserve_order``; it also turns off locality-based dispatch, which depends on
+    where blocks happen to land), each to the worker with the fewest rows so far. With the
+    per-epoch local shuffle seeded from the run's seed, a resumed run sees exactly the batches an
+    uninterrupted one would."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    return DataConfig(execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False)
+
+
+def _fit(config: Config, run_name: str, ray_storage: str, tracking_uri: str, logger: RunLogger,
          callbacks: list | None, train_loop: Callable[[dict], None] | None) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -151,33 +263,42 @@ def _fit(config: Config, run_name: str, storage: Path, tracking_uri: str, logger
             train_loop or train_worker,
             train_loop_config={"config": config.model_dump(mode="json"), "tracking_uri": tracking_uri,
                                "run_id": logger.run_id, "progress_queue": queue,
-                               "prepared_path": None if prepared is None else str(prepared)},
+                               "prepared_path": prepared, "run_folder": storage.join(ray_storage, run_name)},
             datasets=datasets,
+            dataset_config=_deterministic_split(),
             scaling_config=ScalingConfig(num_workers=config.world_size, use_gpu=config.distributed.use_gpu,
-                                         resources_per_worker={"CPU": config.distributed.cpus_per_worker}),
+                                         resources_per_worker={"CPU": config.distributed.cpus_per_worker},
+                                         placement_strategy=config.distributed.placement_strategy),
             torch_config=TorchConfig(backend="nccl" if config.distributed.use_gpu else "gloo"),
             run_config=RunConfig(
-                name=run_name, storage_path=str(storage),
+                name=run_name, storage_path=ray_storage,
                 checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=config.distributed.max_failures),
-                callbacks=callbacks,
+                callbacks=[_stop_on_input_error(), *(callbacks or [])],
             ),
         )
         print(f"apex-ray: run {run_name!r} | {config.world_size} x {config.distributed.strategy} worker(s) | "
               f"{config.train.steps} steps of {config.objective.kind} on {config.model.backbone}", flush=True)
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as err:
+            found = input_error_in(err)
+            if found is None:
+                raise
+            raise RunFailed(f"{found} (not retried: a restart would fail the same way)") from None
     finally:
         stop.set()
         printer.join(timeout=5)
         ray.kill(queue.actor)
 
-    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    checkpoint_path = storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path) if result.checkpoint else None
     export_path = None
-    if checkpoint_path and (Path(checkpoint_path) / "export").exists():
-        export_path = str(Path(checkpoint_path) / "export")
-        logger.log_artifacts(export_path, "export")
+    if checkpoint_path and storage.exists(storage.join(checkpoint_path, "export")):
+        export_path = storage.join(checkpoint_path, "export")
+        with storage.local_copy(export_path) as local_export:
+            logger.log_artifacts(str(local_export), "export")
     logger.set_tags({"checkpoint_path": str(checkpoint_path), "export_path": str(export_path)})
     aborted = bool(result.metrics and result.metrics.get("aborted"))
     logger.finish("FAILED" if aborted else "FINISHED")
     return TrainResult(logger.run_id, tracking_uri, checkpoint_path, export_path, dict(result.metrics or {}),
-                       str(storage))
+                       ray_storage)

@@ -16,6 +16,8 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from apex_ray.common import storage
+
 MLFLOW_BATCH_LIMIT = 100  # params / metrics per log_batch call accepted by MLflow servers
 MLFLOW_PARAM_LENGTH = 6000
 
@@ -37,7 +39,28 @@ def resolve_tracking_uri(configured: str | None, output_dir: str | os.PathLike) 
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
+    if storage.is_uri(output_dir):
+        raise TrackingError(f"output_dir is {output_dir}, and the default tracking store (a sqlite file in output_dir) "
+                            "cannot live in object storage: run an MLflow server every node can reach and set "
+                            "tracking.tracking_uri=http://HOST:5000 or MLFLOW_TRACKING_URI")
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def check_sqlite_writable(uri: str) -> None:
+    """A ``sqlite:///FILE`` store whose folder cannot be made or written fails now, with its path,
+    not as a SQLAlchemy traceback when the run is created."""
+    if not uri.startswith("sqlite:///"):
+        return
+    file = Path(uri[len("sqlite:///"):])
+    folder = file.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrackingError(f"tracking store {uri}: cannot create its folder {folder} ({err.strerror}); set output_dir "
+                            "or tracking.tracking_uri to a writable place") from None
+    if not os.access(folder, os.W_OK) or (file.exists() and not os.access(file, os.W_OK)):
+        raise TrackingError(f"tracking store {uri}: {file if file.exists() else folder} is not writable; set "
+                            "output_dir or tracking.tracking_uri to a writable place")
 
 
 def check_tracking_server(uri: str, timeout: float = 5.0) -> None:

@@ -16,10 +16,18 @@ import ray.train
 import ray.train.torch
 import torch
 
+from apex_ray.common import storage
+from apex_ray.common.errors import InputError
 from apex_ray.common.seeds import derive_seed
 from apex_ray.config import Config
 from apex_ray.engine.build import Training, backbone_config, build_training
-from apex_ray.engine.checkpointing import load_checkpoint, save_checkpoint, write_run_description
+from apex_ray.engine.checkpointing import (
+    DamagedCheckpointError,
+    checkpoint_problem,
+    load_checkpoint,
+    save_checkpoint,
+    write_run_description,
+)
 from apex_ray.engine.collectives import all_reduce_mean
 from apex_ray.engine.evaluation import EvalPrompts, evaluate_during_training
 from apex_ray.engine.export import export_weights
@@ -53,7 +61,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if training.lora is not None:
         _say(progress, rank, str(training.lora))
     if manifest is not None and tuple(manifest["latent_shape"]) != latent_shape:
-        raise ValueError(f"the prepared set {prepared} holds latents of shape {manifest['latent_shape']} but "
+        raise InputError(f"the prepared set {prepared} holds latents of shape {manifest['latent_shape']} but "
                          f"{config.model.backbone} takes {list(latent_shape)}; prepare the data for this backbone")
 
     # stream
@@ -68,9 +76,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     del encoder  # captions are encoded; free the text encoder's memory for training
 
     # resume
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+    run_folder = loop_config.get("run_folder")
+    taken = {name for name in storage.list_dir(run_folder) if name.startswith("step_")} if run_folder else set()
+    source = _resume_point(config, run_folder, taken, ray.train.get_checkpoint() is not None, progress, rank)
+    if source is not None:
+        fs, path = storage.filesystem(source)
+        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as directory:
             extra = load_checkpoint(directory, training.state)
         runner.load_extra_state(extra["runner"])
         if extra["world_size"] == world_size:
@@ -109,15 +120,61 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             _say(progress, rank, _progress_line(metrics, step, schedule.steps, start_step, started,
                                                 schedule.global_batch))
         if checkpoint_due:
-            _checkpoint_and_report(training, stream, metrics, rank, world_size, export=last and not aborted)
+            _checkpoint_and_report(training, stream, metrics, rank, world_size, export=last and not aborted,
+                                   name=_checkpoint_name(runner.step, taken))
         else:
             ray.train.report(metrics)
         if aborted:
             return
 
 
+def _resume_point(config: Config, run_folder: str | None, taken: set[str], ray_has_one: bool, progress,
+                  rank: int) -> str | None:
+    """Where this attempt starts: the newest intact checkpoint folder of the run, else (on the
+    run's first start) ``train.resume_from``, else nowhere (step 0).
+
+    The newest intact folder may be newer than Ray Train's latest registered checkpoint: when a
+    node dies right after a checkpoint is written, before Ray Train's controller takes its report,
+    the files are complete but unregistered. Damaged folders are skipped with a message; every rank
+    checks the same files the same way (:func:`checkpoint_problem`), so all ranks agree. If Ray
+    Train registered a checkpoint and none is intact, the run stops rather than start over."""
+    problems = []
+    for name in sorted(taken, reverse=True):  # step_0000008-2 > step_0000008 > step_0000004
+        location = storage.join(run_folder, name)
+        problem = checkpoint_problem(location)
+        if problem is None:
+            if problems:
+                _say(progress, rank, "skipped damaged checkpoint(s): " + "; ".join(problems) + f"; resuming from {name}")
+            return location
+        problems.append(f"{name}: {problem}")
+    if problems and ray_has_one:
+        raise DamagedCheckpointError(
+            "no intact checkpoint to resume from (" + "; ".join(problems) + "). Start again under a new "
+            "tracking.run_name, or with train.resume_from=<an intact step_* folder>")
+    if problems:
+        _say(progress, rank, "ignored incomplete checkpoint(s) of an attempt that died while writing: "
+             + "; ".join(problems))
+    if config.train.resume_from:
+        problem = checkpoint_problem(config.train.resume_from)
+        if problem is not None:
+            raise DamagedCheckpointError(f"train.resume_from {config.train.resume_from}: {problem}")
+        return config.train.resume_from
+    return None
+
+
+def _checkpoint_name(step: int, taken: set[str]) -> str:
+    """``step_0000200``, or ``step_0000200-2`` when a folder of that name exists (a damaged or
+    partly written checkpoint of an earlier attempt: Ray Train would otherwise write into it and
+    later delete the new checkpoint with the old one)."""
+    name, attempt = f"step_{step:07d}", 1
+    while name in taken:
+        attempt += 1
+        name = f"step_{step:07d}-{attempt}"
+    return name
+
+
 def _checkpoint_and_report(training: Training, stream, metrics: dict[str, float], rank: int, world_size: int,
-                           export: bool) -> None:
+                           export: bool, name: str) -> None:
     """Every rank writes its shards (and at the end the exported weights) and reports them to Ray Train."""
     runner = training.runner
     extra = {"runner": runner.extra_state(), "data": stream.state_dict(), "world_size": world_size}
@@ -128,7 +185,7 @@ def _checkpoint_and_report(training: Training, stream, metrics: dict[str, float]
         if export:
             export_weights(training, Path(directory) / "export")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=f"step_{runner.step:07d}")
+                         checkpoint_dir_name=name)
 
 
 def _text_encoder(config: Config, manifest: dict | None):
