@@ -63,7 +63,7 @@ def test_plan_is_within_tolerance_of_a_measured_cpu_step(backbone, options):
     config = load_config(None, [f"model.backbone={backbone}", "model.pretrained=null", "distributed.strategy=single",
                                 "distributed.num_workers=1", "train.global_batch=6", "model.max_text_length=12",
                                 *options])
-    estimate = plan(config).total
+    estimate = plan(config).step
     measured = measured_peak(config)
     assert abs(estimate - measured) <= TOLERANCE * measured, (
         f"plan {estimate / 2**20:.1f} MiB vs measured {measured / 2**20:.1f} MiB")
@@ -81,7 +81,7 @@ def test_presets_fit_on_8_gpus_and_a_full_qwen_image_says_what_to_change(capsys)
     for preset in ("sana_600m", "sana_1600m", "qwen_image_lora_r32", "qwen_image_lora_r64"):
         assert main(["--config", str(CONFIGS / f"{preset}.yaml"), "--gpus", "8"]) == 0
     out = capsys.readouterr().out
-    assert out.count("\nfits") == 4 and "frozen base (fp32, sharded)" in out and "EMA adapter (fp32)" in out
+    assert out.count("\nfits") == 4 and "frozen base (bf16, sharded)" in out and "EMA adapter (fp32)" in out
 
     code = main(["--config", str(CONFIGS / "qwen_image_lora_r32.yaml"), "--gpus", "8",
                  "model.lora.enabled=false", "distributed.activation_checkpointing=false"])

@@ -6,8 +6,9 @@ The model is built on the ``meta`` device (no allocation) with LoRA applied when
 for it, so parameter counts are exact. Each row is what one worker holds at the step's peak:
 
 - sharded states (FSDP2: divided by the worker count): fp32 master weights of what trains, the
-  frozen base under LoRA (kept in fp32, as the trainer builds it), fp32 gradients, AdamW's two
-  fp32 moments, the fp32 EMA (a full copy, or only the EMA adapter under LoRA);
+  frozen base under LoRA (in ``model.lora.base_dtype``: bf16 where FSDP2 computes in bf16, as the
+  trainer stores it), fp32 gradients, AdamW's two fp32 moments, the fp32 EMA (a full copy, or only
+  the EMA adapter under LoRA);
 - gathered weights: FSDP2 keeps the root's parameters gathered through the step and gathers a
   block at a time with one block prefetched, in the compute dtype (bf16 on GPUs); the full EMA is
   a second FSDP root, gathered while its forward runs;
@@ -26,6 +27,13 @@ because the tiny ones keep the block structure (mlp ratio, attention kind); the 
 the compute dtype's. Not counted: the CUDA context, NCCL buffers and allocator fragmentation
 (``RESERVED_FRACTION`` of the GPU is held back for them), the text encoder (prepared data carries
 embeddings) and the fake-sample buffer (host memory).
+
+Load peak: the trainer builds the model on ``meta``, shards it, allocates each rank's shards and
+fills them block by block from the safetensors files (``apex_ray.models.loading``), so while it
+loads a GPU holds its sharded weights, base and EMA plus one tensor's block in flight; the plan's
+peak is the larger of that and the step's. The output also gives what loading the whole fp32
+model onto each GPU before sharding would need (what a plain ``from_pretrained(...).to(device)``
+costs), the reason the load path exists.
 """
 from __future__ import annotations
 
@@ -72,6 +80,8 @@ class ModelSizes:
     root: int  # parameters outside the transformer blocks (gathered for the whole step)
     largest_block: int
     largest_block_trainable: int
+    largest_tensor: int  # elements of the largest single parameter (one block of it is in flight at load)
+    constant_bytes: int  # buffers and tensor attributes (positional tables): whole on every GPU
     layers: int
     hidden: int
     image_tokens: int
@@ -87,10 +97,18 @@ class MemoryPlan:
     capacity: float  # usable bytes per GPU
     sizes: ModelSizes
     micro_batch: int
+    load: float = 0.0  # bytes per GPU while the model loads (meta init, per-shard fill)
+    whole_model_load: float = 0.0  # bytes per GPU if the whole fp32 model were moved to it before sharding
+
+    @property
+    def step(self) -> float:
+        """Bytes per GPU at the training step's peak (the sum of :attr:`rows`)."""
+        return sum(value for _, value in self.rows)
 
     @property
     def total(self) -> float:
-        return sum(value for _, value in self.rows)
+        """The peak: the larger of the step and the load."""
+        return max(self.step, self.load)
 
     @property
     def fits(self) -> bool:
@@ -123,6 +141,8 @@ def model_sizes(config: Config) -> ModelSizes:
         root=total - sum(block_sizes),
         largest_block=block_sizes[largest],
         largest_block_trainable=sum(p.numel() for p in blocks[largest].parameters() if p.requires_grad),
+        largest_tensor=max(p.numel() for p in model.parameters()),
+        constant_bytes=sum(t.numel() * t.element_size() for t in _constants(model)),
         layers=len(blocks),
         hidden=transformer_config.num_attention_heads * transformer_config.attention_head_dim,
         image_tokens=(model.sample_size // patch) ** 2,
@@ -131,10 +151,26 @@ def model_sizes(config: Config) -> ModelSizes:
     )
 
 
+def _constants(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Buffers and plain tensor attributes of ``model``'s modules (each counted once)."""
+    found = {id(t): t for t in model.buffers()}
+    for module in model.modules():
+        found.update({id(v): v for v in vars(module).values() if isinstance(v, torch.Tensor)})
+    return list(found.values())
+
+
 def compute_bytes(config: Config) -> int:
     """Element size of gathered weights and activations: bf16 on GPUs unless fp32 is asked for."""
     bf16 = config.distributed.use_gpu and config.distributed.mixed_precision != "fp32"
     return 2 if bf16 else 4
+
+
+def frozen_base_bytes(config: Config) -> int:
+    """Element size of the frozen LoRA base as the trainer stores it (:func:`frozen_base_dtype`)."""
+    from apex_ray.engine.build import frozen_base_dtype
+
+    device = "cuda" if config.distributed.use_gpu else "cpu"
+    return torch.empty((), dtype=frozen_base_dtype(config, device)).element_size()
 
 
 def grad_rows(config: Config, micro_batch: int) -> int:
@@ -160,12 +196,15 @@ def plan(config: Config, gpu_memory_gib: float = 80.0, sizes: ModelSizes | None 
     shards = config.world_size if fsdp else 1
     element = compute_bytes(config)
     lora = config.model.lora.enabled
+    base = frozen_base_bytes(config) if lora else 4
+    base_name = f"frozen base ({'bf16' if base == 2 else 'fp32'}{', sharded' if fsdp else ''})"
     rows = [
         ("master weights (fp32, sharded)" if fsdp else "master weights (fp32)", 4 * sizes.trainable / shards),
-        ("frozen base (fp32, sharded)" if fsdp else "frozen base (fp32)", 4 * sizes.frozen / shards),
+        (base_name, base * sizes.frozen / shards),
         ("gradients (fp32)", 4 * sizes.trainable / shards),
         ("AdamW moments (2 x fp32)", 8 * sizes.trainable / shards),
         ("EMA adapter (fp32)" if lora else "EMA (fp32)", 4 * sizes.ema / shards),
+        ("buffers and constants", sizes.constant_bytes),
     ]
     if fsdp:
         ema_root = 0 if lora else sizes.root  # the full EMA is its own FSDP root
@@ -180,7 +219,13 @@ def plan(config: Config, gpu_memory_gib: float = 80.0, sizes: ModelSizes | None 
                  activation_bytes(sizes, grad_rows(config, micro), config.distributed.activation_checkpointing,
                                   element)))
     rows = [(name, value) for name, value in rows if value > 0]
-    return MemoryPlan(rows, config.world_size, gpu_memory_gib * GIB * (1 - RESERVED_FRACTION), sizes, micro)
+    # Load: the states above that exist before the first step (weights, base, EMA), each rank its
+    # shards, plus one parameter's block being filled (read in fp32 at most).
+    resident = sum(value for name, value in rows if name.startswith(("master weights", "frozen base", "EMA", "buffers")))
+    load = resident + 4 * sizes.largest_tensor / shards
+    whole = 4 * (sizes.total + (0 if lora else sizes.ema))
+    return MemoryPlan(rows, config.world_size, gpu_memory_gib * GIB * (1 - RESERVED_FRACTION), sizes, micro,
+                      load=load, whole_model_load=whole)
 
 
 def suggestions(config: Config, result: MemoryPlan, gpu_memory_gib: float) -> list[str]:
@@ -227,10 +272,14 @@ def format_plan(result: MemoryPlan, gpu_memory_gib: float) -> str:
     ]
     width = max(len(name) for name, _ in result.rows)
     lines += [f"  {name:<{width}}  {value / GIB:8.2f} GiB" for name, value in result.rows]
-    lines.append(f"  {'total':<{width}}  {result.total / GIB:8.2f} GiB")
+    lines.append(f"  {'training step':<{width}}  {result.step / GIB:8.2f} GiB")
+    lines.append(f"  {'load (meta init, own shards)':<{width}}  {result.load / GIB:8.2f} GiB")
+    lines.append(f"  {'peak (step or load)':<{width}}  {result.total / GIB:8.2f} GiB")
     lines.append(f"  {'usable (' + str(gpu_memory_gib) + ' GiB less ' + f'{RESERVED_FRACTION:.0%})':<{width}}  "
                  f"{result.capacity / GIB:8.2f} GiB")
     lines.append("fits" if result.fits else "does NOT fit")
+    lines.append(f"load counted: each GPU allocates and fills only its shards; moving the whole fp32 model onto "
+                 f"each GPU before sharding would need {result.whole_model_load / GIB:.1f} GiB")
     return "\n".join(lines)
 
 

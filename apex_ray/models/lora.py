@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.distributed as dist
@@ -45,6 +46,7 @@ from torch.distributed.tensor import DTensor
 from apex_ray.method.conditioning import Conditioning
 from apex_ray.method.ema import warmup_decay
 from apex_ray.models.base import VelocityModel, full_state_dict
+from apex_ray.models.loading import fill_from_full_, local
 
 TRAINED_ADAPTER = "default"
 """peft's name for the adapter the optimiser trains."""
@@ -64,6 +66,9 @@ class LoRAConfig(BaseModel):
     rank: int = Field(32, gt=0)
     alpha: float | None = Field(None, gt=0)  # None = rank (scale 1)
     dropout: float = Field(0.0, ge=0, lt=1)
+    # Storage dtype of the frozen base (adapters stay fp32): auto = bf16 when FSDP2 computes in bf16
+    # (GPUs; it casts every gathered weight for every forward), else fp32; bf16 needs exactly that.
+    base_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     # Module-name patterns (peft target_modules) for attention, MLP and timestep-embedding projections.
     target_modules: list[str] = Field(default_factory=lambda: [
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -144,6 +149,49 @@ def apply_lora(model: VelocityModel, config: LoRAConfig) -> LoRASummary:
         trainable_params=trainable,
         frozen_params=sum(p.numel() for p in model.parameters()) - trainable,
     )
+
+
+def cast_base(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen base (every frozen parameter outside the adapters) in ``dtype``; the adapters
+    keep theirs (fp32). Call after :class:`AdapterEMA` and before sharding (on a meta skeleton this
+    allocates nothing). Returns how many parameters were cast."""
+    cast = 0
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            full_name = f"{module_name}.{name}" if module_name else name
+            if param is None or param.requires_grad or adapter_of(full_name) is not None or param.dtype == dtype:
+                continue
+            module._parameters[name] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=False)
+            cast += 1
+    return cast
+
+
+@torch.no_grad()
+def initialize_adapters(model: torch.nn.Module, seed: int) -> None:
+    """peft's initialisation of the trained adapter, drawn on the CPU from a generator seeded with
+    ``seed`` (``lora_A`` Kaiming-uniform like an ``nn.Linear``, ``lora_B`` zero, so the adapted
+    model starts equal to the base), then the EMA adapter set equal to it.
+
+    For adapters allocated uninitialised (:func:`~apex_ray.models.loading.materialize`), sharded or
+    not: every rank draws every full tensor in the same order and keeps its block, so the values
+    do not depend on the worker count (an export on one CPU rebuilds those of an N-GPU run).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        if adapter_of(name) != TRAINED_ADAPTER:
+            continue
+        full = torch.empty(param.shape, dtype=torch.float32)
+        if ".lora_A." in name and name.endswith(".weight"):
+            torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+        elif ".lora_B." in name:
+            full.zero_()
+        else:
+            raise ValueError(f"no initialisation rule for adapter parameter {name}")
+        fill_from_full_(param, full)
+    for name, param in params.items():
+        if adapter_of(name) == EMA_ADAPTER:
+            local(param).copy_(local(params[name.replace(f".{EMA_ADAPTER}.", f".{TRAINED_ADAPTER}.")]))
 
 
 def _set_trainable(layers: list[BaseTunerLayer]) -> None:
@@ -227,7 +275,7 @@ class AdapterEMA:
         for name, param in params.items():
             if adapter_of(name) == EMA_ADAPTER:
                 trained = params[name.replace(f".{EMA_ADAPTER}.", f".{TRAINED_ADAPTER}.")]
-                pairs.append((_local(param), _local(trained)))
+                pairs.append((local(param), local(trained)))
         return pairs
 
     @torch.no_grad()
@@ -252,10 +300,6 @@ class AdapterEMA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_adapter_tensors(self.model, state["weights"])
         self.num_updates = int(state["num_updates"])
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def adapter_state_dict(model: torch.nn.Module,

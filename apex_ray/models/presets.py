@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from apex_ray.assets import resolve_pretrained
 from apex_ray.models.base import VelocityModel, read_backbone_file
+from apex_ray.models.loading import SafetensorsWeights, empty_weights
 from apex_ray.models.qwen_image import QWEN_IMAGE_CONFIGS, QwenImageVelocityModel
 from apex_ray.models.sana import SANA_CONFIGS, SanaVelocityModel
 
@@ -95,6 +96,39 @@ def build_backbone(preset: str, pretrained: str | os.PathLike | None = None, **c
             **{k: v for k, v in config_overrides.items() if k not in model_class.wrapper_keys},
         )
     return model_class(transformer, **wrapper_kwargs)
+
+
+def backbone_skeleton(preset: str, pretrained: str | os.PathLike | None = None, **config_overrides) -> VelocityModel:
+    """The model :func:`build_backbone` makes with the same arguments, with its parameters on the
+    ``meta`` device (see :func:`~apex_ray.models.loading.empty_weights`): only ``pretrained``'s
+    ``config.json`` is read. Fill it with :func:`pretrained_weights` (or a random initialisation)
+    after sharding and :func:`~apex_ray.models.loading.materialize`."""
+    spec = get_backbone_preset(preset)
+    pretrained = resolve_pretrained(pretrained)
+    model_class = spec.model_class
+    config = {**spec.config, **config_overrides}
+    wrapper_kwargs = {key: config.pop(key) for key in model_class.wrapper_keys}
+    with empty_weights():
+        if pretrained is None:
+            transformer = model_class.transformer_class(**config)
+        else:
+            released = model_class.transformer_class.load_config(pretrained, subfolder=_transformer_subfolder(pretrained))
+            transformer = model_class.transformer_class.from_config(
+                released, **{k: v for k, v in config_overrides.items() if k not in model_class.wrapper_keys})
+        return model_class(transformer, **wrapper_kwargs)
+
+
+def pretrained_weights(pretrained: str | os.PathLike) -> SafetensorsWeights:
+    """The transformer weights of ``pretrained`` (what :func:`build_backbone` would load), opened for
+    block-wise reads; a hub id is downloaded (its transformer folder only) into the hub cache."""
+    pretrained = resolve_pretrained(pretrained)
+    subfolder = _transformer_subfolder(pretrained)
+    if os.path.isdir(pretrained):
+        return SafetensorsWeights(os.path.join(pretrained, subfolder or ""))
+    from huggingface_hub import snapshot_download
+
+    root = snapshot_download(str(pretrained), allow_patterns=[f"{subfolder}/*"])
+    return SafetensorsWeights(os.path.join(root, subfolder))
 
 
 def load_backbone(path: str | os.PathLike) -> VelocityModel:
