@@ -37,7 +37,7 @@ class InputConfig(_Section):
     format: InputFormat = "auto"  # auto: images in a folder -> image_folder; ShapeEval columns -> shapeeval
     image_column: str = "image_bytes"  # parquet: encoded image bytes (PNG, JPEG, ...)
     caption_column: str = "text"
-    id_column: str | None = None  # parquet: stable row id column; None -> "<file>:<row>"
+    id_column: str | None = None  # parquet: row id column; None -> "<file>:<row>"; repeats -> duplicate_id rejects
 
 
 class ImageConfig(_Section):
@@ -79,8 +79,8 @@ class StorageConfig(_Section):
 
 class PrepareConfig(_Section):
     input: InputConfig
-    output: str  # folder of the prepared set
-    overwrite: bool = False  # replace a complete prepared set at ``output``
+    output: str  # folder of the prepared set; locked while the job runs; not inside input.path (nor it inside)
+    overwrite: bool = False  # replace a complete prepared set at ``output``; it stays until the new one is complete
     backbone: str = "sana-tiny"  # apex_ray.models.BACKBONE_PRESETS name: picks codec and text encoder
     image: ImageConfig = Field(default_factory=ImageConfig)
     codec: CodecConfig = Field(default_factory=CodecConfig)
@@ -135,11 +135,11 @@ class PrepareConfig(_Section):
 class FakeBufferConfig(_Section):
     checkpoint: str  # folder written by VelocityModel.save_pretrained
     latents: str  # prepared set whose captions (text embeddings) are sampled for
-    output: str  # folder of the fake-sample buffer
+    output: str  # folder of the fake-sample buffer; locked while the job runs
     steps: int = Field(1, gt=0)  # sampler steps (NFE for the first-order sampler)
     limit: int | None = Field(None, gt=0)  # first rows of the prepared set; default all
-    seed: int = 0  # noise of row ``id`` is seeded by (seed, id): independent of batching
-    overwrite: bool = False
+    seed: int = 0  # noise of row ``id`` is seeded by (seed, id): independent of batching (ids must be unique)
+    overwrite: bool = False  # replace a complete buffer at ``output``; it stays until the new one is complete
     sampler: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
     rows_per_shard: int = Field(4096, gt=0)
 

@@ -23,9 +23,11 @@ UNDECODABLE_CAPTION = "undecodable_caption"
 EMPTY_CAPTION = "empty_caption"
 IMAGE_ENCODING_FAILED = "image_encoding_failed"
 TEXT_ENCODING_FAILED = "text_encoding_failed"
+DUPLICATE_ID = "duplicate_id"
+"""The row's id is an earlier row's (``data_pipelines.readers`` marks it); the first row keeps it."""
 REJECT_REASONS = (
     MISSING_IMAGE, UNDECODABLE_IMAGE, TOO_SMALL, TOO_LARGE, MISSING_CAPTION, UNDECODABLE_CAPTION, EMPTY_CAPTION,
-    IMAGE_ENCODING_FAILED, TEXT_ENCODING_FAILED,
+    IMAGE_ENCODING_FAILED, TEXT_ENCODING_FAILED, DUPLICATE_ID,
 )
 """Reason codes in ``rejects.parquet``; ``detail`` holds the specific message."""
 
@@ -97,7 +99,8 @@ def check_caption(caption: str | None) -> str:
 
 def decode_rows(batch: dict[str, np.ndarray], size: int, min_side: int,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
-    """Ray task: ``{id, source, image_bytes, caption}`` -> ``{id, source, caption, pixels, reason, detail}``.
+    """Ray task: ``{id, source, image_bytes, caption[, caption_error, duplicate_of]}`` ->
+    ``{id, source, caption, pixels, reason, detail}``.
 
     ``pixels`` is uint8 ``[B, size, size, 3]`` (zeros for rejects); ``reason`` is ``""`` for a
     usable row.
@@ -108,7 +111,10 @@ def decode_rows(batch: dict[str, np.ndarray], size: int, min_side: int,
     for i in range(n):
         caption, reason, detail = batch["caption"][i], "", ""
         caption_error = batch["caption_error"][i] if "caption_error" in batch else None
+        duplicate_of = batch["duplicate_of"][i] if "duplicate_of" in batch else None
         try:
+            if duplicate_of:  # first: a repeated row is not decoded at all
+                raise Rejected(DUPLICATE_ID, f"id {batch['id'][i]!r} is already the id of {duplicate_of}")
             if caption_error:
                 raise Rejected(UNDECODABLE_CAPTION, caption_error)
             caption = check_caption(caption)

@@ -8,6 +8,8 @@ an actor pool that loads the checkpoint once per actor and samples with
 ``apex_ray.method.sampler.sample`` -> staged shards + ``manifest.json`` (same complete-or-nothing
 output folder as the prepared set). Shard columns: ``id``, ``caption``, ``sample`` [C, H, W]
 (latent space, float32), ``text_embeds``, ``text_mask`` and ``pooled`` where the set has it.
+Ids must be unique in the prepared set (each row's noise is seeded by its id); one with repeated
+ids is refused.
 The trainer pushes it into its buffer with :func:`apex_ray.engine.prepared.load_fake_buffer`.
 """
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import torch
@@ -32,6 +36,7 @@ from apex_ray.engine.prepared import (
     PREPARED_SET,
     prepared_dataset,
     read_manifest,
+    read_rows,
     shard_paths,
     tensor_columns,
     to_conditioning,
@@ -40,7 +45,7 @@ from apex_ray.method.sampler import SamplerConfig, sample
 from apex_ray.models import load_backbone
 from apex_ray.models.base import read_backbone_file
 from data_pipelines.config import FakeBufferConfig, load_fake_buffer_config
-from data_pipelines.output import WRITE_TASK_CPUS, OutputError, StagedOutput
+from data_pipelines.output import WRITE_TASK_CPUS, OutputError, StagedOutput, refuse_overlap
 from data_pipelines.readers import READ_TASK_CPUS, InputError
 
 FORMAT_VERSION = 1
@@ -75,12 +80,30 @@ class FakeSampler:
         return {**batch, "sample": result.images.float().cpu().numpy()}
 
 
+def refuse_duplicate_ids(latents: str) -> None:
+    """Each row's noise is seeded by its id, so rows that share an id would share their noise:
+    refuse such a set (made before ``prepare_latents`` set repeated ids aside) with what to do."""
+    ids = pa.chunked_array([pa.array(read_rows(latents, ["id"])["id"], pa.string())])
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).to_pylist()
+    examples = ", ".join(repr(item["values"]) for item in repeated[:3])
+    raise InputError(
+        f"{latents}: {sum(item['counts'] - 1 for item in repeated)} rows repeat the id of an earlier row "
+        f"({examples}{', ...' if len(repeated) > 3 else ''}); the fake buffer seeds each row's noise by its id, so "
+        "they would get the same noise. Prepare the set again with data_pipelines.prepare_latents, which sets "
+        "repeated ids aside as duplicate_id rejects")
+
+
 def make_fake_buffer(config: FakeBufferConfig) -> dict:
     """Run the job (on the current Ray cluster, starting a local one if none); returns the manifest."""
+    refuse_overlap(config.output, {"checkpoint": config.checkpoint, "latents": config.latents})
     read_backbone_file(config.checkpoint)  # fails now, with what to do, if not a saved backbone
     source = read_manifest(config.latents)
     if source.get("kind") != PREPARED_SET or not source["rows_written"]:
         raise InputError(f"{config.latents} is not a prepared set with rows; run data_pipelines.prepare_latents first")
+    refuse_duplicate_ids(config.latents)
     pooled = source.get("pooled_shape") is not None
     columns = ["id", "caption", "text_embeds", "text_mask"] + (["pooled"] if pooled else [])
     with StagedOutput(config.output, config.overwrite, "fake-sample buffer") as out:
@@ -101,8 +124,8 @@ def make_fake_buffer(config: FakeBufferConfig) -> dict:
         )
         sink = out.sink(config.rows_per_shard)
         samples.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
-        shards, _ = out.commit_shards(sink.results)
-        tensors = tensor_columns(pq.read_schema(shard_paths(out.path, {"shards": shards})[0]))
+        shards, _ = out.stage_shards(sink.results)
+        tensors = tensor_columns(pq.read_schema(shard_paths(out.new, {"shards": shards})[0]))
         manifest = {
             "format_version": FORMAT_VERSION,
             "kind": FAKE_BUFFER,
@@ -120,7 +143,7 @@ def make_fake_buffer(config: FakeBufferConfig) -> dict:
             "shards": shards,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        out.finish(manifest)
+        manifest = out.finish(manifest)
     elapsed = time.perf_counter() - started
     print(f"fake_buffer: {manifest['rows']} samples ({config.steps}-step) in {elapsed:.1f} s "
           f"({manifest['rows'] / elapsed:.1f} samples/s) -> {out.path}")
@@ -143,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, help="sampler actors (default 1)")
     parser.add_argument("--num-cpus", type=float, help="CPUs per actor (default 1)")
     parser.add_argument("--num-gpus", type=float, help="GPUs per actor (default 0)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a complete buffer at --output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a complete buffer at --output (kept until the new one is complete)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="any config field, e.g. sampler.concurrency=4")
     args = parser.parse_args(argv)

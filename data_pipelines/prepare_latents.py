@@ -7,8 +7,11 @@ Ray Data streams: read (tasks) -> decode, validate, resize + centre-crop (tasks;
 actors when the codec runs on CPU) -> image codec (actor pool) -> text encoder (actor pool) ->
 staged shards and rejects (sink). Nothing is lost:
 each input row is either written or rejected with its reason, and the manifest records
-``rows_in = rows_written + rows_rejected`` (checked before it is written). Configuration and
-input are validated before Ray starts; see ``data_pipelines/config.py`` for every field.
+``rows_in = rows_written + rows_rejected`` (checked before it is written); a row whose id an
+earlier row already has is a ``duplicate_id`` reject. Configuration and input are validated
+before Ray starts; see ``data_pipelines/config.py`` for every field. The output folder is locked
+while the job runs, and the new set is swapped in only when complete (``--overwrite`` keeps the
+old one until then): see ``data_pipelines/output.py``.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from data_pipelines.output import (
     WRITE_TASK_CPUS,
     OutputError,
     StagedOutput,
+    refuse_overlap,
 )
 from data_pipelines.readers import InputError, InputPlan, plan_input, read_input
 
@@ -55,9 +59,12 @@ def prepare(config: PrepareConfig) -> dict:
     """Run the job (on the current Ray cluster, starting a local one if none) and return the manifest.
 
     Raises :class:`~data_pipelines.readers.InputError` (missing or empty input, wrong columns)
-    and :class:`~data_pipelines.output.OutputError` (output not writable, or already complete
-    without ``overwrite``) before any work starts.
+    and :class:`~data_pipelines.output.OutputError` (input inside the output folder, output not
+    writable, in use by another job, holding files this job did not write, or already complete
+    without ``overwrite``) before any work starts. The new set is built in a staging folder and
+    swapped in only when complete (see :mod:`data_pipelines.output`).
     """
+    refuse_overlap(config.output, {"input": config.input.path})
     plan = plan_input(config.input)
     with StagedOutput(config.output, config.overwrite, "prepared set", owned=(REJECTS, EMPTY_PROMPT)) as out:
         started = time.perf_counter()
@@ -65,15 +72,14 @@ def prepare(config: PrepareConfig) -> dict:
             ray.init()
         warn_if_short_of_resources(config)
         sink = out.sink(config.storage.rows_per_shard)
-        pipeline = build_pipeline(config, read_input(plan), str(out.staging / EMPTY_PROMPT))
+        pipeline = build_pipeline(config, read_input(plan), str(out.new / EMPTY_PROMPT))
         pipeline.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
         shards, rejects = commit(out, sink.results)
         rows_written = sum(shard["rows"] for shard in shards)
         if plan.rows != rows_written + rejects.num_rows:
             raise RuntimeError(f"row count mismatch: {plan.rows} rows in, {rows_written} written, "
-                               f"{rejects.num_rows} rejected; the output was removed (please report this bug)")
-        manifest = build_manifest(config, plan, shards, rejects, out)
-        out.finish(manifest)
+                               f"{rejects.num_rows} rejected; nothing was committed (please report this bug)")
+        manifest = out.finish(build_manifest(config, plan, shards, rejects, out))
     elapsed = time.perf_counter() - started
     reasons = ", ".join(f"{k} {v}" for k, v in manifest["rejects_by_reason"].items())
     print(f"prepare_latents: {plan.rows} rows in -> {rows_written} written, {rejects.num_rows} rejected"
@@ -82,14 +88,14 @@ def prepare(config: PrepareConfig) -> dict:
 
 
 def commit(out: StagedOutput, results: list[dict]) -> tuple[list[dict], pa.Table]:
-    """Move the shards and the empty prompt into place and merge the staged rejects into
-    ``rejects.parquet``; returns the shard list and the rejects."""
-    shards, reject_files = out.commit_shards(results)
+    """Assemble the new set in the staging folder: the shards and ``rejects.parquet`` (the staged
+    rejects merged) beside the empty prompt the text actors wrote there; returns the shard list
+    and the rejects. :meth:`StagedOutput.finish` swaps the set in."""
+    shards, reject_files = out.stage_shards(results)
     parts = [pq.read_table(file).cast(REJECTS_SCHEMA) for file in reject_files]
     rejects = pa.concat_tables(parts or [REJECTS_SCHEMA.empty_table()])
-    with atomic_path(out.path / REJECTS) as tmp:
+    with atomic_path(out.new / REJECTS) as tmp:
         pq.write_table(rejects, tmp)
-    (out.staging / EMPTY_PROMPT).replace(out.path / EMPTY_PROMPT)
     return shards, rejects
 
 
@@ -142,8 +148,8 @@ def warn_if_short_of_resources(config: PrepareConfig) -> None:
 
 def build_manifest(config: PrepareConfig, plan: InputPlan, shards: list[dict], rejects: pa.Table,
                    out: StagedOutput) -> dict:
-    empty_prompt = load_empty_prompt(out.path)
-    columns = tensor_columns(pq.read_schema(shard_paths(out.path, {"shards": shards})[0])) if shards else {}
+    empty_prompt = load_empty_prompt(out.new)
+    columns = tensor_columns(pq.read_schema(shard_paths(out.new, {"shards": shards})[0])) if shards else {}
     by_reason = pc.value_counts(rejects["reason"]).to_pylist() if rejects.num_rows else []
     return {
         "format_version": FORMAT_VERSION,
@@ -179,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", help="parquet file or folder, or a folder of images with .txt captions")
     parser.add_argument("--output", help="folder of the prepared set")
     parser.add_argument("--config", help="YAML job config (fields: data_pipelines/config.py)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a complete prepared set at --output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a complete prepared set at --output (kept until the new one is complete)")
     parser.add_argument("--format", choices=["auto", "parquet", "image_folder", "shapeeval"])
     parser.add_argument("--image-column", help="parquet column of encoded image bytes (default image_bytes)")
     parser.add_argument("--caption-column", help="parquet column of captions (default text)")

@@ -1,4 +1,5 @@
-"""The three raw input kinds as one Ray Dataset of rows ``{id, source, image_bytes, caption, caption_error}``.
+"""The three raw input kinds as one Ray Dataset of rows
+``{id, source, image_bytes, caption, caption_error, duplicate_of}``.
 
 - ``parquet``: a file or folder of parquet files with an image-bytes column (binary, or a
   ``{bytes, path}`` struct as Hugging Face datasets store images) and a caption column;
@@ -11,9 +12,15 @@ exactly one output row whatever is wrong with it (unreadable bytes or a missing 
 ``None``; caption bytes that are not UTF-8 say so in ``caption_error``), so that validation
 downstream accounts for all of them; a column of the wrong type fails at planning. ``id`` is stable across
 runs: the id column's value, else ``<file>:<row>`` (parquet) or the relative path (folders).
+
+Ids are unique in the prepared set. Derived ids are unique by construction; with an id column the
+driver reads that one column at planning (small next to the images) and marks every row whose id
+an earlier row already has (in file, then row order: deterministic, whatever the read tasks and
+blocks), so it becomes a ``duplicate_id`` reject (its ``duplicate_of`` names the first row).
 """
 from __future__ import annotations
 
+import bisect
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 from ray.data import Datasource, ReadTask
@@ -40,6 +48,7 @@ pools downstream (which would stall the stream on a small machine)."""
 RAW_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("image_bytes", pa.binary()), ("caption", pa.string()),
     ("caption_error", pa.string()),  # why a present caption could not be read (e.g. not UTF-8)
+    ("duplicate_of", pa.string()),  # the source of the first row with this id, for a row that repeats it
 ])
 
 
@@ -57,6 +66,8 @@ class InputPlan:
     rows: int
     columns: dict[str, str | None]
     """``image``, ``caption``, ``id`` column names (parquet formats)."""
+    duplicate_ids: int = 0
+    """Rows whose id an earlier row has (marked in their unit's ``duplicates``: row -> first source)."""
 
 
 def plan_input(config: InputConfig) -> InputPlan:
@@ -160,7 +171,57 @@ def _plan_parquet(root: Path, files: list[str], fmt: str, columns: dict[str, str
                 units.append({"file": file, "row_group": group, "first_row": first, "rows": group_rows})
             first += group_rows
         rows += first
-    return InputPlan(fmt, str(root), units, rows, columns)
+    duplicates = mark_duplicate_ids(units, str(root), columns["id"]) if columns.get("id") else 0
+    return InputPlan(fmt, str(root), units, rows, columns, duplicates)
+
+
+def mark_duplicate_ids(units: list[dict[str, Any]], root: str, id_column: str) -> int:
+    """Find the rows whose id (as :func:`read_row_group` makes it) an earlier row already has, in
+    file then row order; record them in their unit as ``duplicates`` ``{row: source of the first}``
+    and return how many. Only the id column is read, on the driver; rows are touched in Python
+    only where an id repeats."""
+    files = list(dict.fromkeys(unit["file"] for unit in units))
+    if not files:
+        return 0
+    per_file = [_id_array(pq.read_table(file, columns=[id_column]).column(0), _id_prefix(file, root))
+                for file in files]
+    ids = pa.chunked_array(per_file, pa.string())
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return 0
+    counts = pc.value_counts(ids)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    offsets = np.cumsum([0] + [len(a) for a in per_file])
+    units_of = {file: [u for u in units if u["file"] == file] for file in files}  # in row order
+    firsts_of = {file: [u["first_row"] for u in in_file] for file, in_file in units_of.items()}
+    first_source: dict[str, str] = {}
+    found = 0
+    for position in pc.indices_nonzero(pc.is_in(ids, value_set=repeated)).to_pylist():
+        index = int(np.searchsorted(offsets, position, side="right")) - 1
+        file, row = files[index], position - int(offsets[index])
+        row_id = ids[position].as_py()
+        if row_id not in first_source:
+            first_source[row_id] = f"{file}#row={row}"
+            continue
+        unit = units_of[file][bisect.bisect_right(firsts_of[file], row) - 1]
+        unit.setdefault("duplicates", {})[row] = first_source[row_id]
+        found += 1
+    return found
+
+
+def _id_prefix(file: str, root: str) -> str:
+    return os.path.relpath(file, root) if os.path.isdir(root) else os.path.basename(file)
+
+
+def _row_ids(values: list[Any], prefix: str, first_row: int) -> list[str]:
+    """The ids of rows ``first_row...``: the id column's value as text, ``<prefix>:<row>`` where null."""
+    return [str(v) if v is not None else f"{prefix}:{r}" for r, v in enumerate(values, first_row)]
+
+
+def _id_array(column: pa.ChunkedArray, prefix: str) -> pa.Array:
+    """:func:`_row_ids` of a whole file's id column, in arrow (Python only for other than plain strings)."""
+    if column.null_count == 0 and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return column.combine_chunks().cast(pa.string())
+    return pa.array(_row_ids(column.to_pylist(), prefix, 0), pa.string())
 
 
 def _check_column_types(file: str, schema: pa.Schema, columns: dict[str, str | None]) -> None:
@@ -190,7 +251,8 @@ def _plan_image_folder(root: Path) -> InputPlan:
 def read_row_group(unit: dict[str, Any], root: str, columns: dict[str, str | None]) -> Iterator[pa.Table]:
     """The rows of one planned parquet row group, in chunks of :data:`PARQUET_READ_ROWS`."""
     file, first = unit["file"], unit["first_row"]
-    prefix = os.path.relpath(file, root) if os.path.isdir(root) else os.path.basename(file)
+    prefix = _id_prefix(file, root)
+    duplicates = unit.get("duplicates", {})
     image_column, caption_column, id_column = columns["image"], columns["caption"], columns["id"]
     wanted = list(dict.fromkeys(c for c in (image_column, caption_column, id_column) if c))
     for chunk in pq.ParquetFile(file).iter_batches(PARQUET_READ_ROWS, row_groups=[unit["row_group"]], columns=wanted):
@@ -198,10 +260,11 @@ def read_row_group(unit: dict[str, Any], root: str, columns: dict[str, str | Non
         first += chunk.num_rows
         ids = chunk.column(id_column).to_pylist() if id_column else [None] * chunk.num_rows
         yield raw_rows(
-            ids=[str(i) if i is not None else f"{prefix}:{r}" for i, r in zip(ids, rows)],
+            ids=_row_ids(ids, prefix, rows.start),
             sources=[f"{file}#row={r}" for r in rows],
             images=[_image_bytes(v) for v in chunk.column(image_column).to_pylist()],
             captions=[_caption(c) for c in chunk.column(caption_column).to_pylist()],
+            duplicate_of=[duplicates.get(r) for r in rows],
         )
 
 
@@ -217,12 +280,15 @@ def read_image_files(files: list[str], root: str) -> pa.Table:
 
 
 def raw_rows(ids: list[str], sources: list[str], images: list[bytes | None],
-             captions: list[str | None | tuple[None, str]]) -> pa.Table:
-    """``captions`` items are the text, ``None`` (no caption) or ``(None, why)`` (unreadable)."""
+             captions: list[str | None | tuple[None, str]], duplicate_of: list[str | None] | None = None) -> pa.Table:
+    """``captions`` items are the text, ``None`` (no caption) or ``(None, why)`` (unreadable);
+    ``duplicate_of`` the first row's source for a row that repeats its id."""
     texts = [c[0] if isinstance(c, tuple) else c for c in captions]
     errors = [c[1] if isinstance(c, tuple) else None for c in captions]
+    duplicate_of = duplicate_of or [None] * len(ids)
     return pa.table([pa.array(ids, pa.string()), pa.array(sources, pa.string()), pa.array(images, pa.binary()),
-                     pa.array(texts, pa.string()), pa.array(errors, pa.string())], schema=RAW_SCHEMA)
+                     pa.array(texts, pa.string()), pa.array(errors, pa.string()),
+                     pa.array(duplicate_of, pa.string())], schema=RAW_SCHEMA)
 
 
 def _caption(value: Any, where: str = "") -> str | None | tuple[None, str]:

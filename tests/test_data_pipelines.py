@@ -353,19 +353,19 @@ def test_missing_or_empty_input_and_unwritable_output_fail_clearly(tmp_path, cap
 
 def test_output_folder_states(tmp_path, caplog):
     folder = tmp_path / "out"
-    folder.mkdir()
-    (folder / ".staging-0123").mkdir()
-    (folder / "shards").mkdir()
-    (folder / "shards" / "shard-00000.parquet").write_bytes(b"half")
+    dead = StagedOutput(folder, overwrite=False, job="prepared set")  # a run that died mid-write:
+    (dead.staging / "parts").mkdir()  # its staging folder (with our marker) stays, its lock goes with it
+    (dead.staging / "parts" / "half.parquet").write_bytes(b"half")
+    dead._lock.release()
     with caplog.at_level(logging.WARNING), StagedOutput(folder, overwrite=False, job="prepared set") as out:
-        out.finish({"rows": 0})  # an interrupted run's leftovers are removed first
-    assert "incomplete prepared set" in caplog.text
+        out.finish({"rows": 0})  # an interrupted run's leftovers (marked as ours) are removed first
+    assert "staging folder of an interrupted prepared set" in caplog.text
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"]
     with pytest.raises(OutputError, match="already holds a complete"):
         StagedOutput(folder, overwrite=False, job="prepared set")
     with pytest.raises(RuntimeError, match="job failed"), StagedOutput(folder, overwrite=True, job="prepared set"):
         raise RuntimeError("job failed")
-    assert list(folder.iterdir()) == [], "a failed run leaves nothing that looks complete"
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"], "a failed run leaves the set as it was"
     (folder / "mine.txt").write_text("user data")
     with pytest.raises(OutputError, match="did not write.*mine.txt"):
         StagedOutput(folder, overwrite=True, job="prepared set")
