@@ -151,6 +151,7 @@ def local_copy(location: str | os.PathLike) -> Iterator[Path]:
         raise FileNotFoundError(f"{location} is not a folder")
     with tempfile.TemporaryDirectory(prefix="apex-ray-download-") as tmp:
         target = Path(tmp) / posixpath.basename(path.rstrip("/"))
+        target.mkdir()  # copy_files makes the subfolders, not the destination itself
         pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         yield target
 
@@ -186,6 +187,7 @@ def cached_copy(location: str | os.PathLike, cache_root: str | os.PathLike = "~/
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{location} is not a folder")
     try:
+        partial.mkdir()
         pafs.copy_files(path, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         try:
             os.replace(partial, target)

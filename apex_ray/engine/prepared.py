@@ -85,6 +85,16 @@ def prepared_dataset(path: str | os.PathLike, columns: list[str] | None = None, 
         context.use_datasource_v2 = False
     try:
         dataset = ray.data.read_parquet(shard_paths(path, manifest), fragment_scan_options=verify, **read_parquet_args)
+    except (ray.exceptions.RayTaskError, pa.ArrowException) as err:
+        # Planning samples a shard on the driver, without page-CRC verification: damage shows as
+        # a pyarrow decode error there, before any checksum is read.
+        cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
+        if not isinstance(cause, (pa.ArrowException, OSError)):
+            raise
+        raise CorruptShardError(
+            f"prepared set {str(path)!r}: a shard is damaged (Ray Data could not decode it while planning the read; "
+            f"its parquet page checksums would not verify either): {str(cause).splitlines()[0]}. Prepare the set "
+            "again with data_pipelines.prepare_latents") from None
     finally:
         if v2 is not None:
             context.use_datasource_v2 = v2

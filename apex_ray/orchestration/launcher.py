@@ -248,13 +248,19 @@ def _fit(config: Config, run_name: str, ray_storage: str, tracking_uri: str, log
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from apex_ray.engine.prepared import prepared_dataset
     from apex_ray.orchestration.worker import train_worker
 
     prepared = _prepared_path(config)
-    datasets = None if prepared is None else {"train": prepared_dataset(prepared)}
-    queue = Queue(actor_options={"num_cpus": 0})
+    try:
+        datasets = None if prepared is None else {"train": prepared_dataset(prepared)}
+    except InputError as err:
+        raise RunFailed(f"{err} (not retried: a restart would fail the same way)") from None
+    # The progress queue lives on the driver's node: a worker node may be lost and replaced.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     stop = threading.Event()
     printer = threading.Thread(target=_print_progress, args=(queue, stop), daemon=True)
     printer.start()

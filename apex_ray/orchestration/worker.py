@@ -235,6 +235,9 @@ def _say(queue, rank: int, line: str) -> None:
     """Send a progress line to the driver (rank 0 only)."""
     if rank == 0:
         if queue is not None:
-            queue.put(line)
-        else:
-            print(line, flush=True)
+            try:
+                queue.put(line)
+                return
+            except ray.exceptions.RayActorError:  # the driver's queue is gone: a progress line never stops training
+                pass
+        print(line, flush=True)
