@@ -157,3 +157,32 @@ def test_a_damaged_shard_fails_the_run_once_without_restarts(ray_cluster, tmp_pa
     [logged] = client.search_runs([client.get_experiment_by_name("apex-ray").experiment_id])
     assert logged.info.status == "FAILED"
 
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_mlflow_run_killed_and_says_how_to_resume(tmp_path):
+    import os
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "apex_ray.train", f"output_dir={tmp_path}", "tracking.run_name=interrupted",
+         "data.source=inline-shapeeval", "train.steps=100000", "train.log_every=1", "train.global_batch=4",
+         "eval.grid_nfe=[]", "eval.score_nfe=[]"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, start_new_session=True)
+    seen = []
+    for line in process.stdout:  # Ctrl+C (to the whole terminal group) once training is under way
+        seen.append(line)
+        if "samples/s" in line:
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    rest, _ = process.communicate(timeout=300)
+    log = "".join(seen) + rest
+    assert process.returncode == 130, log
+    assert "the MLflow run is marked KILLED" in log and "tracking.run_name to resume" in log
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("apex-ray").experiment_id],
+                              "attributes.run_name = 'interrupted'")
+    assert [r.info.status for r in runs] == ["KILLED"]

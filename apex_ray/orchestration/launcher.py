@@ -6,12 +6,14 @@ joins that cluster instead of starting one.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from apex_ray.common import storage
 from apex_ray.common.errors import InputError
@@ -242,6 +244,39 @@ def _deterministic_split():
     return DataConfig(execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False)
 
 
+@contextlib.contextmanager
+def _sigint_watch() -> Iterator[Callable[[], bool]]:
+    """Yields a function telling whether SIGINT arrived inside the block.
+
+    Ray Train replaces the SIGINT handler during ``fit`` (it aborts the run, and Ctrl+C in a
+    terminal also stops the local Ray processes), so ``fit`` then fails with a Ray error or a
+    ``SystemExit`` rather than ``KeyboardInterrupt``. The signal module's wakeup fd records every
+    signal whatever handler runs. Outside the main thread (Tune, tests) nothing is watched."""
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    try:
+        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread
+        os.close(read)
+        os.close(write)
+        yield lambda: False
+        return
+
+    def interrupted() -> bool:
+        try:
+            return signal.SIGINT in os.read(read, 4096)
+        except BlockingIOError:
+            return False
+
+    try:
+        yield interrupted
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
+
+
 def _fit(config: Config, run_name: str, ray_storage: str, tracking_uri: str, logger: RunLogger,
          callbacks: list | None, train_loop: Callable[[dict], None] | None) -> TrainResult:
     import ray
@@ -285,13 +320,18 @@ def _fit(config: Config, run_name: str, ray_storage: str, tracking_uri: str, log
         )
         print(f"apex-ray: run {run_name!r} | {config.world_size} x {config.distributed.strategy} worker(s) | "
               f"{config.train.steps} steps of {config.objective.kind} on {config.model.backbone}", flush=True)
-        try:
-            result = trainer.fit()
-        except Exception as err:
-            found = input_error_in(err)
-            if found is None:
-                raise
-            raise RunFailed(f"{found} (not retried: a restart would fail the same way)") from None
+        with _sigint_watch() as interrupted:
+            try:
+                result = trainer.fit()
+            except BaseException as err:
+                if interrupted():  # however Ray reports it (its own SIGINT handler, dead local raylet)
+                    raise KeyboardInterrupt from None
+                if not isinstance(err, Exception):
+                    raise
+                found = input_error_in(err)
+                if found is None:
+                    raise
+                raise RunFailed(f"{found} (not retried: a restart would fail the same way)") from None
     finally:
         stop.set()
         printer.join(timeout=5)

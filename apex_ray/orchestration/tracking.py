@@ -53,12 +53,24 @@ def check_sqlite_writable(uri: str) -> None:
         return
     file = Path(uri[len("sqlite:///"):])
     folder = file.parent
+    missing = []  # made to prove they can be, then removed: a later check may still refuse the run
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK) and (not file.exists() or os.access(file, os.W_OK))
     except OSError as err:
         raise TrackingError(f"tracking store {uri}: cannot create its folder {folder} ({err.strerror}); set output_dir "
                             "or tracking.tracking_uri to a writable place") from None
-    if not os.access(folder, os.W_OK) or (file.exists() and not os.access(file, os.W_OK)):
+    finally:
+        for made in missing:
+            try:
+                made.rmdir()
+            except OSError:
+                break
+    if not writable:
         raise TrackingError(f"tracking store {uri}: {file if file.exists() else folder} is not writable; set "
                             "output_dir or tracking.tracking_uri to a writable place")
 
