@@ -85,6 +85,9 @@ class ScheduleConfig(_Section):
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     max_nonfinite_steps: int = Field(5, gt=0)  # abort (with a checkpoint) after this many in a row
+    # Ray Train hears of the run at checkpoints, evaluations and at most this often otherwise: each
+    # report waits for the controller's next poll (every 2 s), so a report per step caps the rate.
+    report_interval_s: float = Field(10.0, gt=0)
     # A step_* checkpoint folder (path or URI, of any run) that a new run starts from: weights,
     # optimiser, EMA, step and data position. Once the run has checkpoints of its own, a restart
     # resumes from those.

@@ -4,8 +4,9 @@
 
 Runs each ``bench/bench_*.py`` in its own process (so thread settings and Ray instances do not
 leak between them), collects the ``BENCH-RESULT`` line each one prints, and prints one table:
-APEX vs flow-matching step time, Ray Train overhead, FSDP2 memory per rank, Ray Data prepare
-throughput, NFE-1 vs NFE-50 sampling speed-up. ``--quick`` uses smaller sizes (minutes, noisier).
+APEX vs flow-matching step time, Ray Train overhead (1 and 2 workers, log_every 1 and 10),
+checkpoint stall (async vs sync) and bytes, FSDP2 memory per rank, Ray Data prepare
+throughput (start-up, steady state, memory), NFE-1 vs NFE-50 sampling speed-up. ``--quick`` uses smaller sizes (minutes, noisier).
 A benchmark that fails is listed with its exit code; the others still run.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ GPU_SECTION = "## GPU path"
 # name -> (script, full arguments, --quick arguments)
 BENCHES = {
     "step": ("bench_step.py", ["--steps", "10"], ["--steps", "4", "--warmup", "1"]),
-    "ray": ("bench_ray_overhead.py", ["--steps", "30"], ["--steps", "12", "--warmup", "3"]),
+    "ray": ("bench_ray_overhead.py", ["--steps", "30"], ["--steps", "10", "--warmup", "2", "--log-every", "1"]),
+    "checkpoint": ("bench_checkpoint.py", ["--repeats", "5"], ["--repeats", "2", "--buffer", "256"]),
     "fsdp": ("bench_fsdp_memory.py", [], ["--width", "128", "--layers", "4"]),
     "prepare": ("bench_prepare.py", ["--n", "2000"], ["--n", "400"]),
     "sampling": ("bench_sampling.py", ["--repeats", "20"], ["--repeats", "6"]),

@@ -38,19 +38,40 @@ class CrashAtStep:
         armed = rank == target and (self.run_name_suffix is None or name.endswith(self.run_name_suffix))
         original, drill = StepRunner.train_step, self
 
-        def train_step(runner, micro_batches):
+        def train_step(runner, micro_batches, *args, **kwargs):
             if armed and runner.step + 1 == drill.step and not (drill.marker and Path(drill.marker).exists()):
                 if drill.marker:
                     Path(drill.marker).touch()
                 time.sleep(2)  # like a real crash, not in the same instant as the last report
+                _wait_for_durable_checkpoint(loop_config, runner.step)
                 os._exit(1)
-            return original(runner, micro_batches)
+            return original(runner, micro_batches, *args, **kwargs)
 
         StepRunner.train_step = train_step
         try:
             train_worker(loop_config)
         finally:
             StepRunner.train_step = original
+
+
+def _wait_for_durable_checkpoint(loop_config: dict, step: int, timeout_s: float = 120.0) -> None:
+    """Until the newest checkpoint due by ``step`` is intact in the run folder. Checkpoints are
+    written and uploaded in the background, so a crash right after one may lose it and resume from
+    the one before (correct, but not what the drills assert); the drills crash once it is durable."""
+    from apex_ray.common import storage
+    from apex_ray.engine.checkpointing import checkpoint_problem
+
+    every = loop_config["config"]["train"]["checkpoint_every"]
+    due = step // every * every
+    folder = loop_config.get("run_folder")
+    if not due or not folder:
+        return
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        names = [n for n in storage.list_dir(folder) if n.startswith(f"step_{due:07d}")]
+        if any(checkpoint_problem(storage.join(folder, n)) is None for n in names):
+            return
+        time.sleep(0.2)
 
 
 class PauseAtStep:
@@ -71,11 +92,11 @@ class PauseAtStep:
         armed = ray.train.get_context().get_world_rank() == self.rank
         original, drill = StepRunner.train_step, self
 
-        def train_step(runner, micro_batches):
+        def train_step(runner, micro_batches, *args, **kwargs):
             if armed and runner.step + 1 == drill.step and not Path(drill.marker).exists():
                 Path(drill.marker).write_text(ray.get_runtime_context().get_node_id())
                 time.sleep(drill.wait_s)  # the test removes this node meanwhile
-            return original(runner, micro_batches)
+            return original(runner, micro_batches, *args, **kwargs)
 
         StepRunner.train_step = train_step
         try:
@@ -99,3 +120,16 @@ class CountAttempts:
             with open(self.log, "a") as file:
                 file.write(f"{time.time()}\n")
         train_worker(loop_config)
+
+
+def report_log(path: str | os.PathLike):
+    """A Ray Train ``UserCallback`` appending ``step checkpointed`` for every report the controller
+    takes (it runs in the controller, so it writes to a file)."""
+    import ray.train
+
+    class ReportLog(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as log:
+                log.write(f"{metrics[0].get('step')} {int(checkpoint is not None)}\n")
+
+    return ReportLog()

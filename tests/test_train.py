@@ -15,7 +15,7 @@ from apex_ray.config import load_config
 from apex_ray.engine.export import export_checkpoint
 from apex_ray.models import load_backbone
 from apex_ray.orchestration.launcher import run
-from faults import CrashAtStep
+from faults import CrashAtStep, report_log
 
 TINY = ["train.global_batch=4", "data.num_samples=48", "eval.images_per_prompt=1", "eval.grid_size=8",
         "train.log_every=1", "train.eval_every=1000"]
@@ -34,8 +34,12 @@ def test_two_worker_fsdp_run_tracks_everything_in_mlflow(ray_cluster, tmp_path):
     config = tiny_config(tmp_path, "train.steps=3", "train.checkpoint_every=2", "tracking.run_name=fsdp-run",
                          "eval.grid_nfe=[1,2]", "eval.score_nfe=[1]", f"data.cache_dir={tmp_path / 'cache'}")
     assert config.data.source == "shapeeval"  # raw ShapeEval parquet -> Ray Data prepare -> streamed shards
-    result = run(config)
+    reports = tmp_path / "reports.log"
+    result = run(config, callbacks=[report_log(reports)])
     assert result.metrics["step"] == 3
+    # MLflow has every logged step (log_every=1); Ray Train heard only of the checkpoints (the last
+    # one also evaluates): a report per step would wait for the controller's 2 s poll each time.
+    assert reports.read_text().split("\n")[:-1] == ["2 1", "3 1"]
     manifests = list((tmp_path / "cache").glob("*/prepared/manifest.json"))
     assert len(manifests) == 1 and (manifests[0].parent.parent / "raw.parquet").is_file()
     client = MlflowClient(result.tracking_uri)

@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +115,56 @@ def complete_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def save_checkpoint(directory: str | os.PathLike, state: TrainingState, extra: dict[str, Any]) -> None:
-    """Write this rank's part of a checkpoint into ``directory`` (call on every rank)."""
+    """Write this rank's part of a checkpoint into ``directory`` (call on every rank); returns
+    when it is on disk."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dcp.save({"train": state}, checkpoint_id=directory)
     with atomic_path(directory / EXTRA_FILE.format(rank=_rank())) as tmp:
         torch.save(extra, tmp)
+
+
+class AsyncCheckpointer:
+    """Checkpoints written while training goes on: ``dcp.async_save`` copies the state (the
+    stall a step sees), then writes the shards on a background thread; the extra state (fresh
+    tensors already, :meth:`StepRunner.extra_state`) is written on another. ``save`` returns a
+    future that is done when both are on disk. One save is in flight at a time: the next waits
+    for the last.
+
+    Under torch.distributed the background write's collectives (DCP's plan and metadata
+    exchange) run on a gloo group of their own, made once on every rank at the first save, so
+    they never interleave with the training's collectives on the default group.
+    """
+
+    def __init__(self) -> None:
+        self._group = None
+        self._pending: Future | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apex-ray-checkpoint")
+
+    def save(self, directory: str | os.PathLike, state: TrainingState, extra: dict[str, Any]) -> Future:
+        self.wait()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if dist.is_initialized():
+            if self._group is None:
+                self._group = dist.new_group(backend="gloo")
+            shards = dcp.async_save({"train": state}, checkpoint_id=directory, process_group=self._group)
+        else:
+            shards = dcp.async_save({"train": state}, checkpoint_id=directory, no_dist=True)
+
+        def write_extra_then_wait() -> None:
+            with atomic_path(directory / EXTRA_FILE.format(rank=_rank())) as tmp:
+                torch.save(extra, tmp)
+            shards.result()
+
+        self._pending = self._pool.submit(write_extra_then_wait)
+        return self._pending
+
+    def wait(self) -> None:
+        """Until the save in flight (if any) is on disk; raises its error."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
 
 def load_checkpoint(directory: str | os.PathLike, state: TrainingState) -> dict[str, Any]:

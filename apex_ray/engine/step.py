@@ -7,7 +7,9 @@ same :class:`StepRunner`. Distribution enters only through the already-wrapped m
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import random
 import time
 from typing import Any, Callable, ContextManager
 
@@ -32,8 +34,10 @@ def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    # Fused: one kernel per step, and it honours ``found_inf`` (a device flag), which is how a
+    # non-finite step is skipped without reading the loss on the host (StepRunner).
     return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
-                             weight_decay=config.weight_decay)
+                             weight_decay=config.weight_decay, fused=True)
 
 
 def build_lr_scheduler(
@@ -65,9 +69,15 @@ class StepRunner:
     """Runs optimisation steps for one worker and keeps the state a checkpoint needs.
 
     ``seed`` and ``rank`` seed two generators: the noise generator differs per rank (each rank
-    draws its own noise), the structure generator is the same on every rank so that the
-    number of anchors, buffer draws and therefore network calls match across ranks (FSDP's
-    collectives must).
+    draws its own noise), the structure generator (host-side ``random.Random``) is the same on
+    every rank so that the number of anchors, buffer draws and therefore network calls match
+    across ranks (FSDP's collectives must).
+
+    A step does not wait for the device: loss parts, gradient norm and the non-finite test stay
+    device tensors, a non-finite step is skipped by the fused optimiser's ``found_inf`` flag and
+    a gated EMA update, and only ``train_step(..., read_metrics=True)`` (the steps that log) reads
+    them back, in one transfer, raising :class:`NonFiniteLossError` if too many steps in a row
+    since the last read were skipped.
     """
 
     def __init__(
@@ -94,10 +104,17 @@ class StepRunner:
         self.grad_sync = grad_sync or (lambda enabled: contextlib.nullcontext())
         self.autocast_dtype = autocast_dtype
         self.noise_generator = torch.Generator(self.device).manual_seed(derive_seed(seed, "noise", rank))
-        self.structure_generator = torch.Generator().manual_seed(seed)
+        self.structure_generator = random.Random(seed)
+        if self.buffer is not None and self.buffer.device is None:
+            self.buffer.device = self.device
+        self._fused = all(group.get("fused") for group in optimizer.param_groups)
         self.step = 0
-        self.skipped_steps = 0
-        self.nonfinite_in_a_row = 0
+        # Device-side counters, read on log steps: skipped steps, the current and the longest run
+        # of non-finite steps since the last read.
+        self._skipped = torch.zeros((), dtype=torch.long, device=self.device)
+        self._in_a_row = torch.zeros((), dtype=torch.long, device=self.device)
+        self._longest = torch.zeros((), dtype=torch.long, device=self.device)
+        self._interval: tuple[float, int, int] | None = None  # (since, steps, samples) of the log interval
 
     @property
     def buffer(self) -> FakeSampleBuffer | None:
@@ -108,12 +125,15 @@ class StepRunner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
-        """One optimiser step over ``micro_batches`` (gradient accumulation); returns metrics."""
-        started = time.perf_counter()
+    def train_step(self, micro_batches: list[Batch], read_metrics: bool = True) -> dict[str, float] | None:
+        """One optimiser step over ``micro_batches`` (gradient accumulation). With ``read_metrics``
+        returns the step's metrics (a host synchronisation); without, returns None and never
+        waits for the device."""
+        if self._interval is None:
+            self._interval = (time.perf_counter(), 0, 0)
         self.model.train()
         ema_fn = self.ema if self.ema is not None else self.model
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor | float] = {}
         calls = rows = samples = 0
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
@@ -127,42 +147,70 @@ class StepRunner:
             calls, rows, samples = calls + out.forward_calls, rows + out.forward_rows, samples + batch.latents.shape[0]
 
         grad_norm = self._clip_gradients()
-        finite = math.isfinite(grad_norm) and math.isfinite(sums["loss"])
-        if finite:
+        finite = torch.isfinite(grad_norm) & torch.isfinite(sums["loss"])
+        if self._fused:
+            self.optimizer.found_inf = (~finite).to(torch.float32)  # fused AdamW skips the update where set
             self.optimizer.step()
-            self.scheduler.step()
-            if self.ema is not None:
-                decay = self.ema.current_decay()
-                self.ema.update(self.model)
-                sums["ema_decay"] = decay
-            self.nonfinite_in_a_row = 0
-        else:
-            self.skipped_steps += 1
-            self.nonfinite_in_a_row += 1
+            self.optimizer.found_inf = None
+        elif bool(finite):  # another optimiser: a host read decides
+            self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            sums["ema_decay"] = self.ema.current_decay()
+            self.ema.update(self.model, apply=finite)
         self.optimizer.zero_grad(set_to_none=True)
+        self._skipped = self._skipped + (~finite).long()
+        self._in_a_row = torch.where(finite, 0, self._in_a_row + 1)
+        self._longest = torch.maximum(self._longest, self._in_a_row)
         self.step += 1
-        elapsed = time.perf_counter() - started
-        sums.update(
-            grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"], skipped_steps=float(self.skipped_steps),
-            forward_calls=float(calls), forward_rows=float(rows), step_time=elapsed,
-            samples_per_s=samples / elapsed,
-        )
-        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+        since, steps, interval_samples = self._interval
+        self._interval = (since, steps + 1, interval_samples + samples)
+        if not read_metrics:
+            return None
+        sums.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
+                    forward_calls=float(calls), forward_rows=float(rows))
+        return self._read(sums)
+
+    def _read(self, sums: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """The metrics as floats (one device-to-host copy), the interval's rate, the non-finite check."""
+        names = [k for k, v in sums.items() if isinstance(v, torch.Tensor)]
+        values = torch.stack([sums[k].detach().float().reshape(()).to(self.device) for k in names]
+                             + [self._skipped.float(), self._in_a_row.float(), self._longest.float()]).tolist()
+        metrics = {k: float(v) for k, v in sums.items() if not isinstance(v, torch.Tensor)}
+        metrics.update(zip(names, values))
+        skipped, in_a_row, longest = (int(v) for v in values[len(names):])
+        self._longest = self._in_a_row.clone()
+        since, steps, samples = self._interval
+        now = time.perf_counter()
+        elapsed = now - since
+        self._interval = (now, 0, 0)
+        metrics.update(skipped_steps=float(skipped), step_time=elapsed / max(steps, 1),
+                       samples_per_s=samples / elapsed if elapsed > 0 else 0.0)
+        if longest >= self.max_nonfinite_steps:
             raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step}; "
+                f"{longest} non-finite steps in a row by step {self.step}; "
                 "lower optim.lr or raise optim.grad_clip, then resume from the last checkpoint"
             )
-        return sums
+        return metrics
 
-    def _clip_gradients(self) -> float:
-        """Global gradient norm (correct for sharded DTensor gradients), clipped to ``grad_clip``."""
+    @property
+    def skipped_steps(self) -> int:
+        return int(self._skipped)
+
+    @property
+    def nonfinite_in_a_row(self) -> int:
+        return int(self._in_a_row)
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Global gradient norm (correct for sharded DTensor gradients), clipped to ``grad_clip``;
+        a device tensor."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
-            return 0.0
+            return torch.zeros((), device=self.device)
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP2: the norm of the whole gradient
             norm = norm.full_tensor()
-        return float(norm)
+        return norm
 
     def extra_state(self) -> dict[str, Any]:
         """Everything beside model, EMA and optimiser that an exact resume needs."""
@@ -171,17 +219,27 @@ class StepRunner:
             "skipped_steps": self.skipped_steps,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "noise_generator": self.noise_generator.get_state(),
-            "structure_generator": self.structure_generator.get_state(),
+            "structure_generator": self.structure_generator.getstate(),
             "scheduler": self.scheduler.state_dict(),
             "buffer": None if self.buffer is None else self.buffer.state_dict(),
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
-        self.skipped_steps = state["skipped_steps"]
-        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        self._skipped.fill_(state["skipped_steps"])
+        self._in_a_row.fill_(state["nonfinite_in_a_row"])
+        self._longest.fill_(state["nonfinite_in_a_row"])
         self.noise_generator.set_state(state["noise_generator"])
-        self.structure_generator.set_state(state["structure_generator"])
+        structure = state["structure_generator"]
+        if isinstance(structure, torch.Tensor):  # checkpoints from before the host-side generator
+            structure = random.Random(int.from_bytes(hashlib.sha256(structure.numpy().tobytes()).digest()[:8])).getstate()
+        self.structure_generator.setstate(_as_random_state(structure))
         self.scheduler.load_state_dict(state["scheduler"])
         if self.buffer is not None and state["buffer"] is not None:
             self.buffer.load_state_dict(state["buffer"])
+
+
+def _as_random_state(state) -> tuple:
+    """``random.Random.setstate`` wants tuples; a checkpoint may hand back lists."""
+    version, internal, gauss = state
+    return int(version), tuple(int(v) for v in internal), gauss

@@ -13,6 +13,7 @@ Forward passes per APEX step (batch B, ``n_a`` anchors, ``n_adv`` buffer draws):
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -118,9 +119,15 @@ def sample_time(n: int, beta_params: tuple[float, float, float], generator: torc
     return u * p3
 
 
-def stochastic_count(expected: float, generator: torch.Generator | None) -> int:
-    """``floor(expected)`` plus one with probability ``frac(expected)``: right on average at any batch size."""
+def stochastic_count(expected: float, generator: random.Random | torch.Generator | None) -> int:
+    """``floor(expected)`` plus one with probability ``frac(expected)``: right on average at any batch size.
+
+    A ``random.Random`` draws on the host (what :class:`~apex_ray.engine.step.StepRunner` passes:
+    no tensor, so no device synchronisation); a ``torch.Generator`` draws where it lives.
+    """
     whole = math.floor(expected)
+    if isinstance(generator, random.Random):
+        return whole + int(generator.random() < expected - whole)
     on = generator.device if generator is not None else "cpu"  # the draw runs where its generator lives
     return whole + int(torch.rand((), generator=generator, device=on).item() < expected - whole)
 
@@ -181,10 +188,13 @@ class APEXConfig:
 
 @dataclass
 class StepLoss:
-    """A step's scalar loss (with graph) and its detached parts for logging."""
+    """A step's scalar loss (with graph) and its detached parts for logging.
+
+    The parts stay on the device as 0-d tensors: reading them (``float``) waits for the step to
+    finish, so the caller does it only on the steps it logs."""
 
     loss: torch.Tensor
-    parts: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, torch.Tensor | float] = field(default_factory=dict)
     forward_calls: int = 0  # network calls made
     forward_rows: int = 0  # samples pushed through the network, summed over calls
 
@@ -210,7 +220,7 @@ class APEXObjective:
         x: torch.Tensor,
         cond: Conditioning,
         generator: torch.Generator | None = None,
-        structure_generator: torch.Generator | None = None,
+        structure_generator: random.Random | torch.Generator | None = None,
     ) -> StepLoss:
         """One step's loss. ``generator`` draws noise and times; ``structure_generator`` (default:
         the same) draws the anchor and buffer counts, which fix the network calls a step makes:
@@ -253,7 +263,7 @@ class APEXObjective:
         calls, rows = calls + 1, rows + out.shape[0]
         f_theta, f_adv = out[:batch], out[batch:]
 
-        parts: dict[str, float] = {}
+        parts: dict[str, torch.Tensor | float] = {}
         loss = x.new_zeros(())
 
         # Lines 5-9: path-integrability loss with EMA endpoint predictions (eq. 10-13).
@@ -265,7 +275,7 @@ class APEXObjective:
             target = path_target(f_ema_t, f_ema_s, x_t, x_s, t, s, cfg.target_clip)
             l_path = (path_weight(t, s, cfg.path_weight) * self._norm(f_theta - target.detach())).mean()
             loss = loss + cfg.lambda_path * l_path
-            parts["loss_path"] = l_path.item()
+            parts["loss_path"] = l_path.detach()
 
         # Lines 11-19: endpoint fidelity by self-condition shifting (eq. 15-19).
         if use_endpoint:
@@ -283,10 +293,10 @@ class APEXObjective:
                 l_shift = shift_loss(-f_a, delta_d, power=cfg.norm_power, eps=cfg.norm_eps).mean()
                 self.buffer.push(x_hat, cond_a)
             loss = loss + cfg.lambda_endpoint * (l_adv + l_shift)
-            parts.update(loss_adv=l_adv.item(), loss_shift=l_shift.item(),
-                         loss_endpoint=(l_adv + l_shift).item())
+            parts.update(loss_adv=l_adv.detach(), loss_shift=l_shift.detach(),
+                         loss_endpoint=(l_adv + l_shift).detach())
 
-        parts["loss"] = loss.item()
+        parts["loss"] = loss.detach()
         parts.update(n_anchor=float(n_anchor), n_adv=float(n_adv))
         return StepLoss(loss, parts, calls, rows)
 
@@ -346,5 +356,5 @@ class FlowMatchingObjective:
             normal = torch.randn(x.shape[0], generator=generator, device=x.device)
             t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * normal)
         loss = F.mse_loss(model(interpolate(x, z, t), t, cond), z - x)
-        return StepLoss(loss, {"loss": loss.item()}, forward_calls=1, forward_rows=x.shape[0])
+        return StepLoss(loss, {"loss": loss.detach()}, forward_calls=1, forward_rows=x.shape[0])
 

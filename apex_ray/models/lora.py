@@ -279,17 +279,18 @@ class AdapterEMA:
         return pairs
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        """Move the EMA adapter toward the trained one; call after each optimiser step."""
+    def update(self, model: torch.nn.Module, apply: torch.Tensor | None = None) -> None:
+        """Move the EMA adapter toward the trained one; call after each optimiser step. ``apply``
+        (a 0-d bool tensor on the device) gates the move without a host read (a skipped step)."""
         if model is not self.model and getattr(model, "module", None) is not self.model:
             raise ValueError("AdapterEMA.update takes the model it was created on (or its DDP wrapper)")
         if isinstance(self.model, FSDPModule):
             self.model.reshard()  # the root's parameters must be the sharded ones, not a gathered copy
         ema, trained = zip(*self._pairs(model))
-        if self.num_updates == 0:
-            torch._foreach_copy_(list(ema), list(trained))
-        else:
-            torch._foreach_lerp_(list(ema), list(trained), 1.0 - self.current_decay())
+        weight = 1.0 - self.current_decay()  # 1 on the first update: lerp(a, b, 1) is exactly b, a copy
+        if apply is not None:
+            weight = apply.to(ema[0].dtype) * weight
+        torch._foreach_lerp_(list(ema), list(trained), weight)
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, Any]:

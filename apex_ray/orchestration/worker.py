@@ -22,10 +22,10 @@ from apex_ray.common.seeds import derive_seed
 from apex_ray.config import Config
 from apex_ray.engine.build import Training, backbone_config, build_training
 from apex_ray.engine.checkpointing import (
+    AsyncCheckpointer,
     DamagedCheckpointError,
     checkpoint_problem,
     load_checkpoint,
-    save_checkpoint,
     write_run_description,
 )
 from apex_ray.engine.collectives import all_reduce_mean
@@ -36,6 +36,7 @@ from apex_ray.engine.step import NonFiniteLossError
 from apex_ray.engine.streams import BatchStream, ShardStream, shapeeval_dataset
 from apex_ray.models import build_text_encoder
 from apex_ray.models.codecs import load_codec
+from apex_ray.orchestration.background import BackgroundWriter
 from apex_ray.orchestration.tracking import RunLogger
 
 AVERAGED_METRICS = ("loss", "loss_path", "loss_adv", "loss_shift", "loss_endpoint")
@@ -58,6 +59,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     encoder = _text_encoder(config, manifest)
     training = build_training(config, device, rank, text_embed_dim=encoder.embed_dim)
     runner, latent_shape = training.runner, training.latent_shape
+    if manifest is not None and runner.buffer is not None:  # fakes kept in the set's storage dtypes
+        runner.buffer.sample_dtype = getattr(torch, manifest.get("latent_dtype", "float32"))
+        runner.buffer.text_dtype = getattr(torch, manifest.get("text_dtype", "float32"))
     if training.lora is not None:
         _say(progress, rank, str(training.lora))
     if manifest is not None and tuple(manifest["latent_shape"]) != latent_shape:
@@ -95,37 +99,63 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         _say(progress, rank, f"fake-sample buffer seeded with {pushed} samples from {config.objective.seed_buffer}")
 
     # loop
-    schedule = config.train
+    with BackgroundWriter() as writer:
+        _train_loop(config, training, stream, prompts, decode, logger, progress, writer, rank, world_size, taken)
+
+
+def _train_loop(config: Config, training: Training, stream, prompts: EvalPrompts, decode, logger: RunLogger | None,
+                progress, writer: BackgroundWriter, rank: int, world_size: int, taken: set[str]) -> None:
+    """Steps until ``train.steps``. Only log steps wait for the device (metrics read in one
+    transfer, averaged over ranks); MLflow and progress lines go through ``writer``; Ray Train
+    hears of the run at checkpoints, evaluations and every ``train.report_interval_s`` (decided
+    from the rank-averaged clock, so every rank reports at the same steps, as Ray Train needs)."""
+    runner, schedule = training.runner, config.train
+    checkpointer = AsyncCheckpointer()
     started, start_step = time.perf_counter(), runner.step
+    last_report = started
+    log_image = (lambda image, name: writer.submit(logger.log_image, image, name)) if logger else None
     while runner.step < schedule.steps:
+        step = runner.step + 1
+        last = step >= schedule.steps
+        checkpoint_due = step % schedule.checkpoint_every == 0 or last
+        eval_due = step % schedule.eval_every == 0 or last
+        log_due = step % schedule.log_every == 0 or checkpoint_due or eval_due
+        batches = [next(stream) for _ in range(config.grad_accum_steps)]
         try:
-            metrics = runner.train_step([next(stream) for _ in range(config.grad_accum_steps)])
+            metrics = runner.train_step(batches, read_metrics=log_due)
             aborted = False
         except NonFiniteLossError as err:
             metrics, aborted = {"aborted": 1.0, "skipped_steps": float(runner.skipped_steps)}, True
             _say(progress, rank, f"aborting: {err}")
-        step, last = runner.step, runner.step >= schedule.steps or aborted
-        if not aborted:
-            metrics.update(all_reduce_mean({k: metrics[k] for k in AVERAGED_METRICS if k in metrics}))
-        if not aborted and (step % schedule.eval_every == 0 or last):
+            checkpoint_due = True
+        if metrics is None:
+            continue
+        now = time.perf_counter()
+        averaged = {k: metrics[k] for k in AVERAGED_METRICS if k in metrics} if not aborted else {}
+        averaged["_since_report"] = now - last_report  # the same mean on every rank: one report decision
+        averaged = all_reduce_mean(averaged)
+        since_report = averaged.pop("_since_report")
+        metrics.update(averaged)
+        if not aborted and eval_due:
             metrics.update(evaluate_during_training(
                 training.ema, prompts, config.eval.score_nfe, config.eval.grid_nfe, config.eval.grid_size,
-                latent_shape, device, decode, logger.log_image if logger else None, step))
-        checkpoint_due = step % schedule.checkpoint_every == 0 or last
-        if not (checkpoint_due or step % schedule.log_every == 0):
-            continue
+                training.latent_shape, runner.device, decode, log_image, step))
         metrics["step"] = step
         if logger is not None:
-            logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
-            _say(progress, rank, _progress_line(metrics, step, schedule.steps, start_step, started,
-                                                schedule.global_batch))
+            writer.submit(logger.log_metrics, {k: v for k, v in metrics.items() if k != "step"}, step)
+            writer.submit(_say, progress, rank, _progress_line(metrics, step, schedule.steps, start_step, started,
+                                                               schedule.global_batch))
         if checkpoint_due:
-            _checkpoint_and_report(training, stream, metrics, rank, world_size, export=last and not aborted,
-                                   name=_checkpoint_name(runner.step, taken))
-        else:
-            ray.train.report(metrics)
+            writer.flush()  # MLflow holds every point this checkpoint covers before Ray registers it
+            _checkpoint_and_report(training, checkpointer, stream, metrics, rank, world_size,
+                                   export=last and not aborted, name=_checkpoint_name(step, taken))
+            last_report = time.perf_counter()
+        elif eval_due or since_report >= schedule.report_interval_s:
+            ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+            last_report = time.perf_counter()
         if aborted:
-            return
+            break
+    checkpointer.wait()
 
 
 def _resume_point(config: Config, run_folder: str | None, taken: set[str], ray_has_one: bool, progress,
@@ -173,19 +203,29 @@ def _checkpoint_name(step: int, taken: set[str]) -> str:
     return name
 
 
-def _checkpoint_and_report(training: Training, stream, metrics: dict[str, float], rank: int, world_size: int,
-                           export: bool, name: str) -> None:
-    """Every rank writes its shards (and at the end the exported weights) and reports them to Ray Train."""
+def _checkpoint_and_report(training: Training, checkpointer: AsyncCheckpointer, stream, metrics: dict[str, float],
+                           rank: int, world_size: int, export: bool, name: str) -> None:
+    """Every rank writes its shards (and at the end the exported weights) into a local folder and
+    reports it to Ray Train. The shards are written in the background (``dcp.async_save``) and
+    Ray uploads the folder in the background once they are (``CheckpointUploadMode.ASYNC``, the
+    local folder deleted after): the step only waits for the state to be copied."""
     runner = training.runner
     extra = {"runner": runner.extra_state(), "data": stream.state_dict(), "world_size": world_size}
-    with tempfile.TemporaryDirectory() as directory:
-        save_checkpoint(directory, training.state, extra)
-        if rank == 0:  # what `python -m apex_ray.export` needs to rebuild the model
-            write_run_description(directory, training.config, backbone_config(training.backbone))
-        if export:
-            export_weights(training, Path(directory) / "export")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=name)
+    directory = tempfile.mkdtemp(prefix=f"apex-ray-{name}-rank{rank}-")
+    written = checkpointer.save(directory, training.state, extra)
+    if rank == 0:  # what `python -m apex_ray.export` needs to rebuild the model
+        write_run_description(directory, training.config, backbone_config(training.backbone))
+    if export:
+        export_weights(training, Path(directory) / "export")
+    storage_context = ray.train.get_context().get_storage()
+
+    def upload_when_written(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        written.result()  # the shards are on the local disk
+        return storage_context.persist_current_checkpoint(checkpoint, dir_name)
+
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                     delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload_when_written)
 
 
 def _text_encoder(config: Config, manifest: dict | None):
