@@ -455,7 +455,7 @@ def _log_parent(parent: RunLogger, sweep: Sweep, outcomes: list[TrialOutcome]) -
         rows, columns = layout(sweep)
         labels = {"condition_shift": ("b", "a"), "loss_weights": ("", "λp : λe")}.get(sweep.kind, ("", ""))
         parent.log_image(heatmap(outcomes, rows, columns, f"{sweep.name}: Overall @ NFE {sweep.nfe}", *labels),
-                         "heatmap.png")
+                         artifact_file="heatmap.png")
     done = [o for o in outcomes if o.status == "ok"]
     counts = {status: sum(o.status == status for o in outcomes) for status in ("ok", "failed", "diverged")}
     parent.log_metrics({f"trials_{k}": v for k, v in counts.items()}, 0)

@@ -118,9 +118,9 @@ class EvalPrompts:
 
 def evaluate_during_training(model: VelocityFn, prompts: EvalPrompts, score_nfe: list[int], grid_nfe: list[int],
                              grid_size: int, latent_shape, device, decode: Decode,
-                             log_image: Callable[[Image.Image, str], None] | None, step: int) -> dict[str, float]:
+                             log_image: Callable[[Image.Image, str, int], None] | None, step: int) -> dict[str, float]:
     """ShapeEval at ``score_nfe`` and sample grids at ``grid_nfe``; every rank calls, rank 0 gets the
-    metrics (others ``{}``) and logs the grids through ``log_image(image, name)``."""
+    metrics (others ``{}``) and logs the grids through ``log_image(image, key, step)`` (key ``samples/nfe{N}``)."""
     metrics: dict[str, float] = {}
     for nfe in sorted(set(grid_nfe) | set(score_nfe)):
         images = prompts.generate(model, nfe, latent_shape, device, decode)
@@ -131,5 +131,5 @@ def evaluate_during_training(model: VelocityFn, prompts: EvalPrompts, score_nfe:
                 metrics[f"shapeeval_nfe{nfe}/{task}"] = value
         if nfe in grid_nfe and log_image is not None:
             pick = torch.linspace(0, len(images) - 1, min(grid_size, len(images))).long()
-            log_image(image_grid(images[pick]), f"samples/nfe{nfe}/step_{step:07d}.png")
+            log_image(image_grid(images[pick]), f"samples/nfe{nfe}", step)
     return metrics

@@ -173,7 +173,8 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None,
     elif config.tracking.run_name:  # an attempt that died before its first checkpoint: same run again
         logger = RunLogger.find(tracking_uri, config.tracking.experiment, run_name, ("FAILED", "KILLED"))
     if logger is None:
-        logger = RunLogger.create(tracking_uri, config.tracking.experiment, run_name, tags, config.to_flat_dict())
+        logger = RunLogger.create(tracking_uri, config.tracking.experiment, run_name, tags, config.to_flat_dict(),
+                                  description=_describe(config), config_yaml=_config_yaml(config))
     # From here on the MLflow run says how this attempt ended, whatever ends it.
     try:
         return _fit(config, run_name, ray_storage, tracking_uri, logger, callbacks, train_loop)
@@ -183,6 +184,23 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None,
     except BaseException:
         logger.finish("FAILED")
         raise
+
+
+def _describe(config: Config) -> str:
+    """The run page's description: what was trained, how, and where its config is."""
+    method = "APEX one-step fine-tune" if config.objective.kind == "apex" else "flow-matching training"
+    start = config.model.pretrained or "random init"
+    lora = f", LoRA r{config.model.lora.rank}" if config.model.lora.enabled else ""
+    return (f"{method} of {config.model.backbone}{lora} from {start}: {config.train.steps} steps at global batch "
+            f"{config.train.global_batch} on {config.world_size} x {config.distributed.strategy} worker(s), "
+            f"data {config.data.source}. The resolved config is the artifact config.yaml "
+            f"(`python -m apex_ray.train --config config.yaml` reruns it).")
+
+
+def _config_yaml(config: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
 class RunFailed(RuntimeError):

@@ -105,15 +105,22 @@ class RunLogger:
 
     @classmethod
     def create(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str],
-               params: dict[str, Any]) -> "RunLogger":
-        """Create the experiment if needed and a new run with ``params`` and ``tags``."""
+               params: dict[str, Any], description: str | None = None,
+               config_yaml: str | None = None) -> "RunLogger":
+        """Create the experiment if needed and a new run with ``params``, ``tags`` and the
+        standard MLflow tags of where it came from (user, source, git commit, Ray job), its
+        ``description`` (the run page's note) and the resolved config as ``config.yaml``."""
         client = MlflowClient(tracking_uri)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = ensure_experiment(client, tracking_uri, experiment)
+        all_tags = {**source_tags(), **tags}
+        if description:
+            all_tags[NOTE_TAG] = description
         run = client.create_run(experiment_id, run_name=run_name,
-                                tags={k: redact_credentials(str(v)) for k, v in tags.items()})
+                                tags={k: redact_credentials(str(v)) for k, v in all_tags.items()})
         logger = cls(tracking_uri, run.info.run_id)
         logger.log_params(params)
+        if config_yaml is not None:
+            logger.log_text(redact_credentials(config_yaml), "config.yaml")
         return logger
 
     @classmethod
@@ -147,8 +154,20 @@ class RunLogger:
         for chunk in _chunks([RunTag(k, redact_credentials(str(v))) for k, v in tags.items()]):
             self.client.log_batch(self.run_id, tags=chunk)
 
-    def log_image(self, image, artifact_file: str) -> None:
-        self.client.log_image(self.run_id, image, artifact_file)
+    def log_image(self, image, key: str | None = None, step: int | None = None,
+                  artifact_file: str | None = None) -> None:
+        """An image under ``key`` at ``step`` (the UI's image panel shows it with a step slider and
+        side by side across runs), or a plain ``artifact_file`` (a figure such as a heatmap)."""
+        if artifact_file is not None:
+            self.client.log_image(self.run_id, image, artifact_file)
+        else:
+            self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+
+    def last_logged_step(self, key: str = "loss") -> int:
+        """The highest step of metric ``key`` already in the run (0 if none): a resumed attempt
+        logs only steps above it, so the charts get no duplicate points."""
+        history = self.client.get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=0)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
@@ -158,6 +177,54 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"  # the UI's training view (runs, charts), not the GenAI one
+NOTE_TAG = "mlflow.note.content"
+
+
+def ensure_experiment(client: MlflowClient, tracking_uri: str, name: str) -> str:
+    """The experiment's id, created if needed: tagged for model training and, for a store on
+    this machine's disk, with its artifacts in ``mlartifacts/`` beside the store (not in the
+    working directory's ``./mlruns``)."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
+        experiment_id = client.create_experiment(name, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+    else:
+        experiment_id = found.experiment_id
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment_id
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard tags for who ran what from where: user, entry point, git commit (when
+    run from a git checkout), and the Ray job (under ``ray job submit``)."""
+    import getpass
+    import subprocess
+    import sys
+
+    tags = {"mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_SUBMISSION_ID") else "LOCAL",
+            "mlflow.source.name": " ".join(["python", *sys.argv[:1]]) if sys.argv and sys.argv[0] else "python"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=os.getcwd())
+        if commit.returncode == 0 and commit.stdout.strip():
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if os.environ.get("RAY_JOB_SUBMISSION_ID"):
+        tags["ray.job_submission_id"] = os.environ["RAY_JOB_SUBMISSION_ID"]
+    return tags
 
 
 def is_local_store(uri: str) -> bool:

@@ -98,13 +98,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         pushed = load_fake_buffer(config.objective.seed_buffer, runner.buffer)
         _say(progress, rank, f"fake-sample buffer seeded with {pushed} samples from {config.objective.seed_buffer}")
 
-    # loop
+    # loop: a resumed attempt logs only the steps MLflow does not have yet (no duplicate points)
+    logged_until = logger.last_logged_step() if logger is not None and source is not None else 0
     with BackgroundWriter() as writer:
-        _train_loop(config, training, stream, prompts, decode, logger, progress, writer, rank, world_size, taken)
+        _train_loop(config, training, stream, prompts, decode, logger, progress, writer, rank, world_size, taken,
+                    logged_until)
 
 
 def _train_loop(config: Config, training: Training, stream, prompts: EvalPrompts, decode, logger: RunLogger | None,
-                progress, writer: BackgroundWriter, rank: int, world_size: int, taken: set[str]) -> None:
+                progress, writer: BackgroundWriter, rank: int, world_size: int, taken: set[str],
+                logged_until: int = 0) -> None:
     """Steps until ``train.steps``. Only log steps wait for the device (metrics read in one
     transfer, averaged over ranks); MLflow and progress lines go through ``writer``; Ray Train
     hears of the run at checkpoints, evaluations and every ``train.report_interval_s`` (decided
@@ -113,7 +116,11 @@ def _train_loop(config: Config, training: Training, stream, prompts: EvalPrompts
     checkpointer = AsyncCheckpointer()
     started, start_step = time.perf_counter(), runner.step
     last_report = started
-    log_image = (lambda image, name: writer.submit(logger.log_image, image, name)) if logger else None
+    log_image = None
+    if logger is not None:
+        def log_image(image, key: str, at: int) -> None:
+            if at > logged_until:
+                writer.submit(logger.log_image, image, key, at)
     while runner.step < schedule.steps:
         step = runner.step + 1
         last = step >= schedule.steps
@@ -142,7 +149,8 @@ def _train_loop(config: Config, training: Training, stream, prompts: EvalPrompts
                 training.latent_shape, runner.device, decode, log_image, step))
         metrics["step"] = step
         if logger is not None:
-            writer.submit(logger.log_metrics, {k: v for k, v in metrics.items() if k != "step"}, step)
+            if step > logged_until:
+                writer.submit(logger.log_metrics, {k: v for k, v in metrics.items() if k != "step"}, step)
             writer.submit(_say, progress, rank, _progress_line(metrics, step, schedule.steps, start_step, started,
                                                                schedule.global_batch))
         if checkpoint_due:
