@@ -32,7 +32,7 @@ BENCHES = {
     "ray": ("bench_ray_overhead.py", ["--steps", "30"], ["--steps", "10", "--warmup", "2", "--log-every", "1"]),
     "checkpoint": ("bench_checkpoint.py", ["--repeats", "5"], ["--repeats", "2", "--buffer", "256"]),
     "fsdp": ("bench_fsdp_memory.py", [], ["--width", "128", "--layers", "4"]),
-    "prepare": ("bench_prepare.py", ["--n", "2000"], ["--n", "400"]),
+    "prepare": ("bench_prepare.py", ["--n", "2000", "20000"], ["--n", "2000"]),
     "sampling": ("bench_sampling.py", ["--repeats", "20"], ["--repeats", "6"]),
 }
 

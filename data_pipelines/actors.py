@@ -4,10 +4,14 @@ Each actor loads its model once (``__init__``) and then encodes batches. Only us
 (``reason == ""``) are encoded; a failing batch is retried row by row so that only the rows that
 really fail (or give NaN/inf) become rejects, with the error as their ``detail``. The same
 classes run in a plain loop in the benchmark.
+
+Each class imports its own model code when an actor starts: a codec actor never loads the text
+encoders (transformers) and a text actor never loads the VAEs (diffusers), seconds of CPU per
+actor process at start-up.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -15,10 +19,11 @@ from safetensors.torch import save_file
 
 from apex_ray.common.files import atomic_path
 from apex_ray.common.images import images_to_tensor
-from apex_ray.models import build_text_encoder
-from apex_ray.models.codecs import load_codec
-from apex_ray.models.text_encoders import encode_unique
 from data_pipelines.decode import IMAGE_ENCODING_FAILED, TEXT_ENCODING_FAILED
+
+if TYPE_CHECKING:
+    from apex_ray.models.codecs import ImageCodec
+    from apex_ray.models.text_encoders import TextEncoder
 
 Arrays = dict[str, np.ndarray]
 EMPTY_PROMPT_TENSORS = {"embeds": "text_embeds", "mask": "text_mask", "pooled": "pooled"}
@@ -27,6 +32,20 @@ EMPTY_PROMPT_TENSORS = {"embeds": "text_embeds", "mask": "text_mask", "pooled": 
 
 def _device(num_gpus: float) -> str:
     return "cuda" if num_gpus > 0 else "cpu"
+
+
+def load_codec(*args: Any, **kwargs: Any) -> ImageCodec:
+    """:func:`apex_ray.models.codecs.load_codec`, imported on first use (codec actors only)."""
+    from apex_ray.models.codecs import load_codec as load
+
+    return load(*args, **kwargs)
+
+
+def build_text_encoder(*args: Any, **kwargs: Any) -> TextEncoder:
+    """:func:`apex_ray.models.build_text_encoder`, imported on first use (text actors only)."""
+    from apex_ray.models.text_encoders import build_text_encoder as build
+
+    return build(*args, **kwargs)
 
 
 class ImageEncoder:
@@ -65,6 +84,9 @@ class CaptionEncoder:
 
     def encode(self, captions: Sequence[str]) -> Arrays:
         """Each distinct caption is encoded once (captions repeat a lot in practice)."""
+        # Already loaded with the encoder (build_text_encoder): no import cost per batch.
+        from apex_ray.models.text_encoders import encode_unique
+
         cond = encode_unique(self.encoder.encode, list(captions), chunk=len(captions) or 1)
         pad = self.max_length - cond.embeds.shape[1]
         if pad < 0:

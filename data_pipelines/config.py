@@ -58,14 +58,18 @@ class ActorPoolConfig(_Section):
     batch_size: int = Field(64, gt=0)  # rows per call
 
 
-class CodecConfig(ActorPoolConfig):
+class _EncoderPoolConfig(ActorPoolConfig):
+    concurrency: int | None = Field(None, gt=0)  # actors; default: sized from the cluster (data_pipelines/resources.py)
+
+
+class CodecConfig(_EncoderPoolConfig):
     name: CodecName | None = None  # default: the backbone's codec
     path: str | None = None  # local folder or hub id (diffusers VAE or pipeline); default: the backbone's
     subfolder: str | None = None  # e.g. "vae" inside a pipeline; local folders are detected
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # compute dtype
 
 
-class TextConfig(ActorPoolConfig):
+class TextConfig(_EncoderPoolConfig):
     encoder: str | None = None  # apex_ray.models.TEXT_ENCODER_PRESETS name; default: the backbone's
     path: str | None = None  # default: the preset's weights
     max_length: int | None = Field(None, gt=0)  # tokens kept (and padded to); default: the preset's

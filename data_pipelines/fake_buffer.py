@@ -47,6 +47,7 @@ from apex_ray.models.base import read_backbone_file
 from data_pipelines.config import FakeBufferConfig, load_fake_buffer_config
 from data_pipelines.output import WRITE_TASK_CPUS, OutputError, StagedOutput, refuse_overlap
 from data_pipelines.readers import READ_TASK_CPUS, InputError
+from data_pipelines.resources import io_tasks
 
 FORMAT_VERSION = 1
 
@@ -110,7 +111,8 @@ def make_fake_buffer(config: FakeBufferConfig) -> dict:
         started = time.perf_counter()
         if not ray.is_initialized():
             ray.init()
-        rows = prepared_dataset(config.latents, columns=columns, num_cpus=READ_TASK_CPUS)
+        io = io_tasks(ray.cluster_resources().get("CPU", 0.0))  # 0-CPU tasks: capped, not one process per shard
+        rows = prepared_dataset(config.latents, columns=columns, num_cpus=READ_TASK_CPUS, concurrency=io)
         if config.limit is not None:
             rows = rows.limit(config.limit)
         pool = config.sampler
@@ -123,7 +125,7 @@ def make_fake_buffer(config: FakeBufferConfig) -> dict:
             },
         )
         sink = out.sink(config.rows_per_shard)
-        samples.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
+        samples.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS}, concurrency=io)
         shards, _ = out.stage_shards(sink.results)
         tensors = tensor_columns(pq.read_schema(shard_paths(out.new, {"shards": shards})[0]))
         manifest = {

@@ -48,19 +48,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
-
 from apex_ray.common.files import write_json_atomic
 from apex_ray.engine.prepared import EMPTY_PROMPT, FAKE_BUFFER, PREPARED_SET, REJECTS
+from data_pipelines.sink import (  # noqa: F401  (re-exported: the sink lives in a module light enough for write tasks)
+    REJECT_COLUMNS,
+    REJECT_PARTS,
+    SHARDS,
+    WRITE_TASK_CPUS,
+    RollingParquetWriter,
+    StagedShardSink,
+    split_rejects,
+)
 
 MANIFEST = "manifest.json"
-SHARDS = "shards"
-REJECT_PARTS = "rejects"
-"""Staging subfolder of the reject rows; the job merges them into one file."""
 STAGING_PREFIX = ".staging-"
 LOCK_FILE = ".apex-data-job.lock"
 MARKER = "owner.json"
@@ -72,11 +72,6 @@ PARTS, NEW, OLD = "parts", "set", "old"
 WRITING, COMMITTING = "writing", "committing"
 LEGACY_ENTRIES = {PREPARED_SET: (SHARDS, REJECTS, EMPTY_PROMPT), FAKE_BUFFER: (SHARDS,)}
 """Entries of a complete set whose manifest predates the ``owner`` record, by manifest ``kind``."""
-WRITE_TASK_CPUS = 0.0
-"""Writing shards is I/O: write tasks ask for no CPU, so they never wait behind CPUs held by the
-actor pools (rows would pile up in the object store until the pools finish)."""
-REJECT_COLUMNS = ("id", "source", "reason", "detail")
-"""Columns of a reject row; a block with a ``reason`` column is split into shard and reject rows."""
 
 log = logging.getLogger(__name__)
 
@@ -472,82 +467,3 @@ def _fsync_dir(folder: Path) -> None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# --- Ray Data sink ------------------------------------------------------------------------------
-
-
-class StagedShardSink(Datasink):
-    """Ray Data sink: each write task streams its blocks into staged shards of at most
-    ``rows_per_shard`` rows (and a staged rejects file for rows with a non-empty ``reason``) and
-    returns the files it wrote with their row counts."""
-
-    def __init__(self, staging: str, rows_per_shard: int) -> None:
-        self.staging = staging
-        self.rows_per_shard = rows_per_shard
-        self.results: list[dict[str, Any]] = []
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_shard
-
-    def write(self, blocks, ctx) -> dict[str, Any]:
-        prefix = f"{ctx.task_idx:06d}-{uuid.uuid4().hex[:8]}"
-        files = {
-            SHARDS: RollingParquetWriter(os.path.join(self.staging, SHARDS), prefix, self.rows_per_shard),
-            REJECT_PARTS: RollingParquetWriter(os.path.join(self.staging, REJECT_PARTS), prefix),
-        }
-        try:
-            for block in blocks:
-                for kind, part in split_rejects(BlockAccessor.for_block(block).to_arrow()).items():
-                    files[kind].write(part)
-        finally:
-            for writer in files.values():
-                writer.close()
-        return {"task": ctx.task_idx, **{kind: writer.written for kind, writer in files.items()}}
-
-    def on_write_complete(self, write_result) -> None:
-        self.results = list(write_result.write_returns)
-
-
-class RollingParquetWriter:
-    """Writes tables into ``<folder>/<prefix>-<n>.parquet``, a new file every ``max_rows`` rows;
-    ``written`` lists ``(file name, rows)``."""
-
-    def __init__(self, folder: str, prefix: str, max_rows: int | None = None) -> None:
-        self.folder, self.prefix, self.max_rows = folder, prefix, max_rows
-        self.written: list[tuple[str, int]] = []
-        self._writer: pq.ParquetWriter | None = None
-
-    def write(self, table: pa.Table) -> None:
-        while table.num_rows:
-            if self._writer is None:
-                name = f"{self.prefix}-{len(self.written):04d}.parquet"
-                os.makedirs(self.folder, exist_ok=True)
-                # Page CRCs: readers verify them (apex_ray.engine.prepared), so a flipped bit in a
-                # latent or a text embedding fails the read instead of training silently.
-                self._writer = pq.ParquetWriter(os.path.join(self.folder, name), table.schema,
-                                                write_page_checksum=True)
-                self.written.append((name, 0))
-            name, rows = self.written[-1]
-            take = table.num_rows if self.max_rows is None else min(table.num_rows, self.max_rows - rows)
-            self._writer.write_table(table.slice(0, take))
-            self.written[-1] = (name, rows + take)
-            table = table.slice(take)
-            if self.max_rows is not None and rows + take >= self.max_rows:
-                self.close()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
-def split_rejects(table: pa.Table) -> dict[str, pa.Table]:
-    """``{"shards": accepted rows without the bookkeeping columns, "rejects": reject rows}``;
-    a table without a ``reason`` column is all accepted."""
-    if "reason" not in table.column_names:
-        return {SHARDS: table}
-    usable = pc.equal(table["reason"], "")
-    accepted = table.filter(usable).drop_columns([c for c in REJECT_COLUMNS[1:] if c in table.column_names])
-    return {SHARDS: accepted, REJECT_PARTS: table.filter(pc.invert(usable)).select(list(REJECT_COLUMNS))}

@@ -19,7 +19,9 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,17 +44,35 @@ from data_pipelines.config import PrepareConfig, load_prepare_config
 from data_pipelines.decode import decode_rows
 from data_pipelines.output import (
     REJECT_COLUMNS,
+    REJECT_PARTS,
+    SHARDS,
     WRITE_TASK_CPUS,
     OutputError,
     StagedOutput,
     refuse_overlap,
 )
 from data_pipelines.readers import InputError, InputPlan, plan_input, read_input
+from data_pipelines.resources import decode_fused, io_tasks, pool_sizes
 
 FORMAT_VERSION = 1
 REJECTS_SCHEMA = pa.schema([(name, pa.string()) for name in REJECT_COLUMNS])
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobTiming:
+    """Where a job's time went, from when its rows were written (one point per write task)."""
+
+    elapsed_s: float
+    """From the job's start to its last rows written."""
+    first_rows_s: float
+    """From the job's start to the first rows written."""
+    steady_rows_per_s: float | None
+    """Rows per second after the first write (None with a single write)."""
+    startup_s: float | None
+    """Time not spent at the steady rate: ``elapsed_s - rows / steady_rows_per_s`` (Ray workers
+    and actors starting, models loading, the stream filling)."""
 
 
 def prepare(config: PrepareConfig) -> dict:
@@ -64,16 +84,30 @@ def prepare(config: PrepareConfig) -> dict:
     without ``overwrite``) before any work starts. The new set is built in a staging folder and
     swapped in only when complete (see :mod:`data_pipelines.output`).
     """
+    return prepare_timed(config)[0]
+
+
+def prepare_timed(config: PrepareConfig) -> tuple[dict, JobTiming | None]:
+    """:func:`prepare`, also returning where the time went (None if no rows were written)."""
+    job_started = time.time()
     refuse_overlap(config.output, {"input": config.input.path})
     plan = plan_input(config.input)
     with StagedOutput(config.output, config.overwrite, "prepared set", owned=(REJECTS, EMPTY_PROMPT)) as out:
         started = time.perf_counter()
         if not ray.is_initialized():
             ray.init()
-        warn_if_short_of_resources(config)
+        resources = ray.cluster_resources()
+        sizes = pool_sizes(config, resources, plan.rows)
+        io = io_tasks(resources.get("CPU", 0.0))
+        writes = max(1, min(io, -(-plan.rows // config.storage.rows_per_shard)))  # no more than there are shards
+        log.info("prepare_latents: %d codec actor(s), %d text actor(s), at most %d read and %d write tasks at once",
+                 sizes["codec"], sizes["text"], io, writes)
+        warn_if_short_of_resources(config, sizes, resources)
         sink = out.sink(config.storage.rows_per_shard)
-        pipeline = build_pipeline(config, read_input(plan), str(out.new / EMPTY_PROMPT))
-        pipeline.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
+        rows = read_input(plan, io, block_rows=min(config.codec.batch_size, config.text.batch_size))
+        pipeline = build_pipeline(config, rows, str(out.new / EMPTY_PROMPT), sizes)
+        pipeline.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS}, concurrency=writes)
+        timing = job_timing(sink.results, job_started)
         shards, rejects = commit(out, sink.results)
         rows_written = sum(shard["rows"] for shard in shards)
         if plan.rows != rows_written + rejects.num_rows:
@@ -83,8 +117,32 @@ def prepare(config: PrepareConfig) -> dict:
     elapsed = time.perf_counter() - started
     reasons = ", ".join(f"{k} {v}" for k, v in manifest["rejects_by_reason"].items())
     print(f"prepare_latents: {plan.rows} rows in -> {rows_written} written, {rejects.num_rows} rejected"
-          f"{f' ({reasons})' if reasons else ''} in {elapsed:.1f} s ({plan.rows / elapsed:.1f} rows/s) -> {out.path}")
-    return manifest
+          f"{f' ({reasons})' if reasons else ''} in {elapsed:.1f} s ({plan.rows / elapsed:.1f} rows/s"
+          f"{_describe(timing)}) -> {out.path}")
+    return manifest, timing
+
+
+def job_timing(results: list[dict], started: float) -> JobTiming | None:
+    """:class:`JobTiming` from the write results' ``finished_at`` and row counts (shard and
+    reject rows); ``started`` in epoch seconds."""
+    points = sorted((r["finished_at"], sum(rows for _, rows in r[SHARDS] + r.get(REJECT_PARTS, [])))
+                    for r in results if "finished_at" in r)
+    points = [(t, rows) for t, rows in points if rows]
+    if not points:
+        return None
+    (first_t, first_rows), last_t = points[0], points[-1][0]
+    total = sum(rows for _, rows in points)
+    steady = (total - first_rows) / (last_t - first_t) if len(points) > 1 and last_t > first_t else None
+    elapsed = last_t - started
+    startup = elapsed - total / steady if steady else None
+    return JobTiming(elapsed, first_t - started, steady, startup)
+
+
+def _describe(timing: JobTiming | None) -> str:
+    if timing is None or timing.steady_rows_per_s is None:
+        return ""
+    return (f"; first rows after {timing.first_rows_s:.1f} s, then {timing.steady_rows_per_s:.1f} rows/s, "
+            f"start-up {timing.startup_s:.1f} s")
 
 
 def commit(out: StagedOutput, results: list[dict]) -> tuple[list[dict], pa.Table]:
@@ -99,10 +157,11 @@ def commit(out: StagedOutput, results: list[dict]) -> tuple[list[dict], pa.Table
     return shards, rejects
 
 
-def build_pipeline(config: PrepareConfig, rows: ray.data.Dataset, empty_prompt_file: str) -> ray.data.Dataset:
+def build_pipeline(config: PrepareConfig, rows: ray.data.Dataset, empty_prompt_file: str,
+                   sizes: Mapping[str, int]) -> ray.data.Dataset:
     """raw rows -> decoded pixels (tasks, fused into the codec actors on CPU) -> latents (codec
     actors) -> text embeddings (text actors, which also write the empty prompt's embedding to
-    ``empty_prompt_file``)."""
+    ``empty_prompt_file``); ``sizes``: actors per pool (:func:`~data_pipelines.resources.pool_sizes`)."""
     codec, text = config.codec, config.text
     decoded = rows.map_batches(
         decode_rows, batch_size=codec.batch_size, num_cpus=config.decode_cpus,
@@ -110,7 +169,7 @@ def build_pipeline(config: PrepareConfig, rows: ray.data.Dataset, empty_prompt_f
                    "max_pixels": config.image.max_pixels},
     )
     encoded = decoded.map_batches(
-        ImageEncoder, batch_size=codec.batch_size, compute=ActorPoolStrategy(size=codec.concurrency),
+        ImageEncoder, batch_size=codec.batch_size, compute=ActorPoolStrategy(size=sizes["codec"]),
         num_cpus=codec.num_cpus, num_gpus=codec.num_gpus,
         fn_constructor_kwargs={
             "codec": codec.model_dump(include={"name", "path", "subfolder", "dtype"}),
@@ -118,7 +177,7 @@ def build_pipeline(config: PrepareConfig, rows: ray.data.Dataset, empty_prompt_f
         },
     )
     return encoded.map_batches(
-        CaptionEncoder, batch_size=text.batch_size, compute=ActorPoolStrategy(size=text.concurrency),
+        CaptionEncoder, batch_size=text.batch_size, compute=ActorPoolStrategy(size=sizes["text"]),
         num_cpus=text.num_cpus, num_gpus=text.num_gpus,
         fn_constructor_kwargs={
             "preset": text.encoder, "path": text.path, "max_length": text.max_length,
@@ -128,15 +187,14 @@ def build_pipeline(config: PrepareConfig, rows: ray.data.Dataset, empty_prompt_f
     )
 
 
-def warn_if_short_of_resources(config: PrepareConfig) -> None:
-    """Say so when the actor pools (and a decode task, unless decoding runs in the codec actors)
-    cannot all run at once on the cluster as it is now: the stream would wait for an autoscaler,
-    and stall without one. Read and write tasks ask for no CPU."""
+def warn_if_short_of_resources(config: PrepareConfig, sizes: Mapping[str, int], have: Mapping[str, float]) -> None:
+    """Say so when the actor pools of ``sizes`` actors (and a decode task, unless decoding runs in
+    the codec actors) cannot all run at once on the cluster as it is now (``have``): the stream
+    would wait for an autoscaler, and stall without one. Read and write tasks ask for no CPU."""
     codec, text = config.codec, config.text
-    fused = codec.num_gpus == 0 and config.decode_cpus == codec.num_cpus  # Ray runs decoding in the codec actors
-    cpus = codec.concurrency * codec.num_cpus + text.concurrency * text.num_cpus + (0 if fused else config.decode_cpus)
-    gpus = codec.concurrency * codec.num_gpus + text.concurrency * text.num_gpus
-    have = ray.cluster_resources()
+    cpus = (sizes["codec"] * codec.num_cpus + sizes["text"] * text.num_cpus
+            + (0 if decode_fused(config) else config.decode_cpus))
+    gpus = sizes["codec"] * codec.num_gpus + sizes["text"] * text.num_gpus
     if cpus > have.get("CPU", 0) or gpus > have.get("GPU", 0):
         log.warning(
             "prepare_latents: the actor pools and a decode task need %.2f CPUs and %.2f GPUs at once but the "

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -35,16 +35,25 @@ import ray.data
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from data_pipelines.config import InputConfig
+from data_pipelines.resources import io_tasks
+
+if TYPE_CHECKING:
+    # Only for annotations: Ray read tasks unpickle this module, and data_pipelines.config pulls in
+    # apex_ray.models (torch, transformers, diffusers: ~6 s of CPU and ~0.5 GB per worker process).
+    from data_pipelines.config import InputConfig
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SHAPEEVAL_COLUMNS = ("id", "image_bytes", "text", "task")
 PARQUET_READ_ROWS = 1024
 """Rows per batch when a task reads a parquet row group (bounds a task's memory)."""
 IMAGE_FILES_PER_BATCH = 64
+BLOCK_ROWS = 64
+"""Default rows per block of the dataset :func:`read_input` makes (the jobs pass their batch size)."""
 READ_TASK_CPUS = 0.0
 """Reading is I/O: read tasks ask for no CPU, so they never wait behind CPUs held by the actor
-pools downstream (which would stall the stream on a small machine)."""
+pools downstream (which would stall the stream on a small machine). Without a CPU to wait for,
+Ray would start every read task (one process each) at once, so their number at once is capped
+(:func:`read_input`)."""
 RAW_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("image_bytes", pa.binary()), ("caption", pa.string()),
     ("caption_error", pa.string()),  # why a present caption could not be read (e.g. not UTF-8)
@@ -102,9 +111,23 @@ def _detect_format(root: Path, parquet_files: list[str], config: InputConfig) ->
                      f"({', '.join(sorted(IMAGE_EXTENSIONS))}); nothing to prepare")
 
 
-def read_input(plan: InputPlan) -> ray.data.Dataset:
-    """A Ray Dataset with one row ``{id, source, image_bytes, caption}`` per input row."""
-    return ray.data.read_datasource(RawPairsDatasource(plan), num_cpus=READ_TASK_CPUS)
+def read_input(plan: InputPlan, concurrency: int | None = None, block_rows: int = BLOCK_ROWS) -> ray.data.Dataset:
+    """A Ray Dataset with one row ``{id, source, image_bytes, caption}`` per input row, in blocks
+    of about ``block_rows`` rows, read by at most ``concurrency`` tasks at once (default
+    :func:`~data_pipelines.resources.io_tasks` of the cluster's CPUs)."""
+    if concurrency is None:
+        concurrency = io_tasks(ray.cluster_resources().get("CPU", 0.0))
+    return ray.data.read_datasource(RawPairsDatasource(plan), num_cpus=READ_TASK_CPUS, concurrency=concurrency,
+                                    override_num_blocks=read_blocks(plan, block_rows))
+
+
+def read_blocks(plan: InputPlan, block_rows: int) -> int:
+    """Blocks of ``block_rows`` rows the plan makes. Ray plans one read task per read unit (at
+    most) and splits each task's output into blocks inside the task: blocks of a batch stream
+    through the actor pools a batch at a time, where Ray's default (at least 200 blocks, a few
+    rows each at this job's sizes) makes many tiny objects and a coarser split would hold rows
+    back in big blocks (a pool's output comes out when its whole input block is done)."""
+    return max(1, -(-plan.rows // block_rows))
 
 
 class RawPairsDatasource(Datasource):

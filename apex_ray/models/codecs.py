@@ -14,12 +14,15 @@ The KL codecs keep the posterior's mode, not a sample, so a prepared set is repr
 """
 from __future__ import annotations
 
+import importlib
 import os
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLQwenImage, ModelMixin
+
+if TYPE_CHECKING:
+    from diffusers import ModelMixin
 
 
 class ImageCodec(ABC):
@@ -51,7 +54,9 @@ class PixelCodec(ImageCodec):
 class DiffusersVAECodec(ImageCodec):
     """A frozen diffusers VAE on ``device`` (in the VAE's dtype); subclasses apply the pipeline's scaling."""
 
-    vae_class: ClassVar[type[ModelMixin]]
+    vae_class: ClassVar[str]
+    """Its diffusers class, by name: diffusers is imported when a VAE loads, not with this module
+    (the pixel codec, e.g. in a data job's codec actors, never needs it: seconds of CPU each)."""
 
     def __init__(self, vae: ModelMixin, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -67,7 +72,8 @@ class DiffusersVAECodec(ImageCodec):
             if not os.path.isfile(os.path.join(path, "vae", "config.json")):
                 raise FileNotFoundError(f"{path} holds neither a VAE (config.json) nor a pipeline's vae/ folder")
             subfolder = "vae"
-        return cls(cls.vae_class.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype), device)
+        vae_class = getattr(importlib.import_module("diffusers"), cls.vae_class)
+        return cls(vae_class.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype), device)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -86,7 +92,7 @@ class DiffusersVAECodec(ImageCodec):
 
 class AutoencoderKLCodec(DiffusersVAECodec):
     name = "autoencoder-kl"
-    vae_class = AutoencoderKL
+    vae_class = "AutoencoderKL"
 
     def _scale_shift(self) -> tuple[float, float]:
         config = self.vae.config
@@ -103,7 +109,7 @@ class AutoencoderKLCodec(DiffusersVAECodec):
 
 class AutoencoderDCCodec(DiffusersVAECodec):
     name = "autoencoder-dc"
-    vae_class = AutoencoderDC
+    vae_class = "AutoencoderDC"
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(pixels).latent * self.vae.config.scaling_factor
@@ -114,7 +120,7 @@ class AutoencoderDCCodec(DiffusersVAECodec):
 
 class QwenImageCodec(DiffusersVAECodec):
     name = "autoencoder-kl-qwenimage"
-    vae_class = AutoencoderKLQwenImage
+    vae_class = "AutoencoderKLQwenImage"
 
     def _mean_std(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.vae.config
