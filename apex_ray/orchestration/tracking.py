@@ -144,8 +144,10 @@ class RunLogger:
         for chunk in _chunks(entries):
             self.client.log_batch(self.run_id, params=chunk)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        """``timestamp_ms``: when the values were measured (default now); a background writer
+        passes it so that the charts' wall-time axis shows the steps, not the writer's lag."""
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         entries = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         for chunk in _chunks(entries):
             self.client.log_batch(self.run_id, metrics=chunk)

@@ -150,7 +150,8 @@ def _train_loop(config: Config, training: Training, stream, prompts: EvalPrompts
         metrics["step"] = step
         if logger is not None:
             if step > logged_until:
-                writer.submit(logger.log_metrics, {k: v for k, v in metrics.items() if k != "step"}, step)
+                writer.submit(logger.log_metrics, {k: v for k, v in metrics.items() if k != "step"}, step,
+                              int(time.time() * 1000))
             writer.submit(_say, progress, rank, _progress_line(metrics, step, schedule.steps, start_step, started,
                                                                schedule.global_batch))
         if checkpoint_due:
