@@ -94,6 +94,7 @@ class PauseAtStep:
 
         def train_step(runner, micro_batches, *args, **kwargs):
             if armed and runner.step + 1 == drill.step and not Path(drill.marker).exists():
+                _wait_for_durable_checkpoint(loop_config, runner.step)  # then the test may take the node
                 Path(drill.marker).write_text(ray.get_runtime_context().get_node_id())
                 time.sleep(drill.wait_s)  # the test removes this node meanwhile
             return original(runner, micro_batches, *args, **kwargs)
