@@ -13,9 +13,8 @@ For each worker count and ``train.log_every``:
   (torch.distributed over gloo for two, 1 thread each), reading the metrics every
   ``log_every`` steps as the Ray worker does, on a fixed batch of the same shapes.
 
-Prints each steady-state ratio, the fixed start-up cost (Ray start, trainer, workers, data), and
-the checkpoint numbers of ``bench_checkpoint`` are in that benchmark. The reported ratio is the
-largest of the cells.
+Prints each cell's steady-state ratio and the fixed start-up cost (Ray start, trainer, workers,
+data); the reported ratio is the largest of the cells. Checkpoint costs: ``bench_checkpoint.py``.
 """
 from __future__ import annotations
 

@@ -120,6 +120,10 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainingState, extra: d
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dcp.save({"train": state}, checkpoint_id=directory)
+    _write_extra(directory, extra)
+
+
+def _write_extra(directory: Path, extra: dict[str, Any]) -> None:
     with atomic_path(directory / EXTRA_FILE.format(rank=_rank())) as tmp:
         torch.save(extra, tmp)
 
@@ -153,8 +157,7 @@ class AsyncCheckpointer:
             shards = dcp.async_save({"train": state}, checkpoint_id=directory, no_dist=True)
 
         def write_extra_then_wait() -> None:
-            with atomic_path(directory / EXTRA_FILE.format(rank=_rank())) as tmp:
-                torch.save(extra, tmp)
+            _write_extra(directory, extra)
             shards.result()
 
         self._pending = self._pool.submit(write_extra_then_wait)
