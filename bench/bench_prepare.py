@@ -42,6 +42,7 @@ from data_pipelines.config import InputConfig, load_prepare_config
 from data_pipelines.decode import decode_rows
 from data_pipelines.prepare_latents import prepare_timed
 from data_pipelines.readers import plan_input, read_units
+from data_pipelines.sink import parquet_options
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from result import report
@@ -130,7 +131,8 @@ def plain_loop(raw: Path, output: Path, batch_size: int, size: int = 32) -> tupl
                     **{name: pa.FixedShapeTensorArray.from_numpy_ndarray(encoded[name][keep])
                        for name in ("latent", "text_embeds", "text_mask", "pooled")},
                 })
-                writer = writer or pq.ParquetWriter(output, table.schema)
+                # the job's writer options (page CRCs, dictionaries for strings only): the same work
+                writer = writer or pq.ParquetWriter(output, table.schema, **parquet_options(table.schema))
                 writer.write_table(table)
                 written += table.num_rows
     finally:

@@ -79,10 +79,8 @@ class RollingParquetWriter:
             if self._writer is None:
                 name = f"{self.prefix}-{len(self.written):04d}.parquet"
                 os.makedirs(self.folder, exist_ok=True)
-                # Page CRCs: readers verify them (apex_ray.engine.prepared), so a flipped bit in a
-                # latent or a text embedding fails the read instead of training silently.
                 self._writer = pq.ParquetWriter(os.path.join(self.folder, name), table.schema,
-                                                write_page_checksum=True)
+                                                **parquet_options(table.schema))
                 self.written.append((name, 0))
             name, rows = self.written[-1]
             take = table.num_rows if self.max_rows is None else min(table.num_rows, self.max_rows - rows)
@@ -96,6 +94,16 @@ class RollingParquetWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """How shards are written. Page CRCs: readers verify them (apex_ray.engine.prepared), so a
+    flipped bit in a latent or a text embedding fails the read instead of training silently.
+    Dictionary encoding only for the columns that repeat (ids, captions, tasks): tensor columns
+    (lists of floats) almost never repeat a value, and trying a dictionary for them took ~40% of
+    a write task's CPU for files ~10% smaller (measured on prepared ShapeEval shards)."""
+    repeating = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    return {"write_page_checksum": True, "use_dictionary": repeating or False}
 
 
 def split_rejects(table: pa.Table) -> dict[str, pa.Table]:
