@@ -111,6 +111,7 @@ class TrackingConfig(_Section):
     experiment: str = "apex-ray"
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    register_model: str | None = None  # register the run's EMA logged model under this name
 
 
 class EvalConfig(_Section):
@@ -118,6 +119,27 @@ class EvalConfig(_Section):
     score_nfe: list[int] = Field(default_factory=lambda: [1, 2])
     images_per_prompt: int = Field(1, gt=0)
     grid_size: int = Field(16, gt=0)  # images in each logged sample grid
+    # Branch-separation diagnostics (issue 15) at each evaluation, MLflow keys diag/*: one micro-batch
+    # per rank, no grad, 2-4 forwards (apex_ray.engine.diagnostics); objective.kind=apex only.
+    diagnostics: bool = True
+    # Also diag/cos_delta_frozen and diag/plain_drift_rms, against the frozen starting model. Under LoRA
+    # that is the base with the adapter off (free); a full fine-tune keeps a no-grad copy of the starting
+    # weights, sharded like the model (one more fp32 model over the ranks, like the EMA; the memory plan
+    # counts it). false: no copy (unless objective.apex.shift_reference=frozen needs it) and those two
+    # metrics are absent.
+    diagnostics_frozen: bool = True
+    # A text file of prompts, one per non-empty line: at each evaluation images_per_prompt images of
+    # each (fixed seeds) at every grid_nfe, logged as grids under prompts/nfe{N}, beside ShapeEval.
+    prompts: str | None = None
+    at_start: bool = True  # evaluate the starting weights at step 0 of a fresh run (not on resume)
+
+    @field_validator("prompts")
+    @classmethod
+    def _absolute_prompts(cls, value: str | None) -> str | None:
+        # Absolute, so that the workers (whose working directory may differ) read the same file.
+        if value and _is_local(value):
+            return str(Path(value).expanduser().absolute())
+        return value
 
     @field_validator("grid_nfe", "score_nfe")
     @classmethod
@@ -202,6 +224,8 @@ class Config(_Section):
         if seed_buffer and _is_local(seed_buffer) and not Path(seed_buffer).expanduser().exists():
             raise ValueError(f"objective.seed_buffer: {seed_buffer!r} does not exist; "
                              "make it with `python -m data_pipelines.fake_buffer`")
+        if self.eval.prompts and _is_local(self.eval.prompts):
+            read_prompt_file(self.eval.prompts)  # raises naming eval.prompts
         if self.data.source == "prepared" and _is_local(self.data.path):
             folder = Path(self.data.path).expanduser()
             if not folder.exists():
@@ -243,6 +267,24 @@ class Config(_Section):
 
 def _is_local(path: str) -> bool:
     return "://" not in path
+
+
+def read_prompt_file(location: str) -> list[str]:
+    """The prompts of an ``eval.prompts`` file: its non-empty lines, stripped (a path or a URI).
+    Raises ``ValueError`` naming ``eval.prompts`` when the file is missing, unreadable or empty."""
+    from apex_ray.common import storage
+
+    try:
+        text = storage.read_bytes(location).decode("utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"eval.prompts: prompt file {location!r} does not exist; give a text file of prompts, "
+                         "one per line, or eval.prompts=null") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"eval.prompts: cannot read prompt file {location!r} ({err})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"eval.prompts: prompt file {location!r} has no prompts (one per non-empty line)")
+    return prompts
 
 
 def _flatten(tree: dict[str, Any], prefix: str = ""):

@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="the run's YAML config, for checkpoints without apex_run.json")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
     args = parser.parse_args(argv)
+    if not storage.is_uri(args.checkpoint) and not Path(args.checkpoint).expanduser().exists():
+        print(f"error: {args.checkpoint} does not exist: pass a checkpoint folder, a run's step_* folder "
+              "(e.g. runs/apex/ray/<run>/step_0000200; `python -m apex_ray.train` prints the final one)",
+              file=sys.stderr)
+        return 2
     try:
         with storage.local_copy(args.checkpoint) as checkpoint, storage.local_output(args.out) as out:
             return _export(checkpoint, out, args)

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m apex_ray.plan", description=__doc__)
     parser.add_argument("--config", help="YAML config (default: the embedded default)")
     parser.add_argument("--gpus", type=int, help="workers to plan for (sets distributed.num_workers)")
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                        help="memory of one GPU to plan for, in GiB (default 80)")
     parser.add_argument("--calibrate", action="store_true",
                         help="measure the activation constants on the tiny presets and print them")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")

@@ -37,23 +37,20 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
-from apex_ray.assets import resolve_pretrained
 from apex_ray.common.images import tensor_to_images
 from apex_ray.engine.evaluation import Decode, Encode, generate, image_grid
+from apex_ray.engine.inference import (
+    SampleError,
+    default_text_encoder,
+    latent_decoder,
+    load_model,
+    sampler_config,
+)
 from apex_ray.method.sampler import SamplerConfig, sample
 from apex_ray.models import (
-    BACKBONE_PRESETS,
     VelocityModel,
-    build_backbone,
     build_text_encoder,
-    load_backbone,
 )
-from apex_ray.models.base import BACKBONE_FILE
-from apex_ray.models.presets import vae_codec
-
-
-class SampleError(ValueError):
-    """A bad combination of options; the message says what to pass instead."""
 
 
 @dataclass(frozen=True)
@@ -61,55 +58,6 @@ class Prompt:
     text: str
     name: str  # file stem in the output layout
     metadata: str | None = None  # GenEval: the prompt's line of evaluation_metadata.jsonl
-
-
-def load_model(checkpoint: str, backbone: str | None = None, lora: str | None = None) -> VelocityModel:
-    """The exported model at ``checkpoint`` (or diffusers weights of preset ``backbone``), with an
-    optional LoRA adapter loaded on top. ``bundled:shapes-teacher`` names the shipped teacher."""
-    checkpoint = resolve_pretrained(checkpoint)
-    if backbone is not None:
-        model = build_backbone(backbone, checkpoint)
-    elif os.path.isfile(os.path.join(checkpoint, BACKBONE_FILE)):
-        model = load_backbone(checkpoint)
-    else:
-        raise SampleError(f"{checkpoint} has no {BACKBONE_FILE}: pass an exported folder (a run's export/ema), "
-                          f"or name its preset with --backbone to load diffusers weights "
-                          f"(presets: {sorted(BACKBONE_PRESETS)})")
-    if lora is not None:
-        from apex_ray.models.lora import load_adapter_into
-
-        load_adapter_into(model, lora)
-    return model.eval().requires_grad_(False)
-
-
-def default_text_encoder(model: VelocityModel) -> str:
-    """The encoder of the preset with this family and text width (all-MiniLM for the tiny ones)."""
-    for spec in BACKBONE_PRESETS.values():
-        if spec.model_class.family == model.family and spec.config[spec.text_embed_key] == model.text_embed_dim:
-            return spec.text_encoder
-    raise SampleError(f"no preset pairs a {model.text_embed_dim}-d text encoder with {model.family}: "
-                      "pass --text-encoder")
-
-
-def sampler_config(nfe: int, order: int = 1, stochastic_ratio: float = 0.0,
-                   extrapolation: float = 0.0) -> SamplerConfig:
-    """The sampler spending exactly ``nfe`` network calls (order 2 spends ``2 * steps - 1``)."""
-    if order == 2 and nfe % 2 == 0:
-        raise SampleError(f"--order 2 spends 2 * steps - 1 calls, so --nfe must be odd (got {nfe})")
-    return SamplerConfig.for_nfe(nfe, order, stochastic_ratio=stochastic_ratio, extrapolation=extrapolation)
-
-
-def latent_decoder(model: VelocityModel, vae: str | None, device: torch.device, dtype: torch.dtype) -> Decode:
-    """Identity for pixel models; the family's VAE (``--vae``), scaled as its pipeline does, otherwise."""
-    if model.latent_channels == 3:
-        return lambda latents: latents
-    if vae is None:
-        raise SampleError(f"this {model.family} model makes {model.latent_channels}-channel latents: pass --vae "
-                          "(a VAE or pipeline folder, or hub id, e.g. the --checkpoint's teacher repo)")
-    from apex_ray.models.codecs import load_codec
-
-    codec = load_codec(vae_codec(model.family), vae, None if os.path.isdir(vae) else "vae", device, dtype)
-    return codec.decode
 
 
 def read_prompts(source: str) -> list[Prompt]:
@@ -243,6 +191,15 @@ def benchmark(model, encode: Encode, prompt: str, latent_shape, sampler: Sampler
     return seconds(1, repeats), 10 / seconds(10, max(3, repeats // 3))
 
 
+def parameter_count(n: int) -> str:
+    """``n`` parameters as Table 1 writes them, in the unit that suits: 1.8M, 0.6B, 1.6B, 20.0B."""
+    if n >= 500e6:
+        return f"{n / 1e9:.1f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m apex_ray.sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="exported save_pretrained folder (e.g. export/ema)")
@@ -256,15 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--order", type=int, choices=(1, 2), default=1, help="2: Heun predictor-corrector")
     parser.add_argument("--stochastic-ratio", type=float, default=0.0, help="rho in [0, 1] (Appendix E)")
     parser.add_argument("--extrapolation", type=float, default=0.0, help="kappa in [0, 1] (Appendix E)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images-per-prompt", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default="samples")
+    parser.add_argument("--seed", type=int, default=0, help="image k of prompt i starts from noise seeded by "
+                                                             "seed + i * images-per-prompt + k (default 0)")
+    parser.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images generated at once (default 16)")
+    parser.add_argument("--out", default="samples", help="output folder (default samples)")
     parser.add_argument("--text-encoder", help="text encoder preset (default: the one paired with the model)")
-    parser.add_argument("--text-encoder-path")
+    parser.add_argument("--text-encoder-path", help="local folder or hub id of the text encoder's weights "
+                                                    "(default: the preset's)")
     parser.add_argument("--max-text-length", type=int, help="default: the text encoder preset's")
     parser.add_argument("--vae", help="VAE or pipeline folder / hub id, for latent models")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, else float32")
     parser.add_argument("--benchmark", action="store_true", help="also time latency and throughput (Table 1)")
     args = parser.parse_args(argv)
@@ -298,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.benchmark:
         latency, throughput = benchmark(velocity, encoder.encode, prompts[0].text, latent_shape, sampler, decode,
                                         device)
-        params = sum(p.numel() for p in model.parameters()) / 1e9
-        print(f"{'Model':<28} {'NFEs':>4} {'Throughput (samples/s)':>23} {'Latency (s)':>12} {'Params (B)':>11}")
+        params = parameter_count(sum(p.numel() for p in model.parameters()))
+        print(f"{'Model':<28} {'NFEs':>4} {'Throughput (samples/s)':>23} {'Latency (s)':>12} {'Params':>8}")
         name = Path(args.checkpoint).name[:28]
-        print(f"{name:<28} {sampler.nfe:>4} {throughput:>23.2f} {latency:>12.3f} {params:>11.2f}")
+        print(f"{name:<28} {sampler.nfe:>4} {throughput:>23.2f} {latency:>12.3f} {params:>8}")
         print(f"({device}, {str(dtype).removeprefix('torch.')}; latency: batch 1, median of 10 runs after a warm-up; "
               "throughput: batch 10; sampling and decoding, text encoded beforehand)")
     return 0

@@ -6,7 +6,8 @@ config and calls :func:`apex_ray.train.run` with Tune's ``TuneReportCallback``: 
 way to nest Train in Tune. The driver holds no CPU; the Train workers hold theirs, and trial
 concurrency is derived from the cluster's resources so trainers never wait on each other.
 
-MLflow: one parent run per sweep (sweep config, final table as markdown and CSV, heatmap,
+MLflow (the training runs' store and experiment unless told otherwise, see :func:`sweep_tracking_uri`):
+one parent run per sweep (sweep config, final table as markdown and CSV, heatmap,
 best trial) and one child run per trial (``mlflow.parentRunId``), written by the trial's own
 training run (params, metric curves, NFE-1 sample grid).
 """
@@ -22,7 +23,7 @@ from typing import Any, Callable
 
 from apex_ray.common import storage
 from apex_ray.config import Config, ConfigError
-from apex_ray.orchestration.tracking import RunLogger, resolve_tracking_uri
+from apex_ray.orchestration.tracking import RunLogger, redact_credentials, resolve_tracking_uri
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall")
 
@@ -234,6 +235,19 @@ def _tune_config(sweep: Sweep, concurrency: int):
                            trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
 
 
+def sweep_tracking_uri(sweep: Sweep) -> str:
+    """Where the sweep's parent and child runs go: ``tracking.tracking_uri``, else
+    ``$MLFLOW_TRACKING_URI``, else the store training runs use by default (the sqlite file in the
+    base config's ``output_dir``, ``runs/apex/mlflow.db``), in the same experiment, so sweeps sit
+    beside ordinary runs. A sweep or base output_dir in object storage needs a tracking server. A
+    sweep folder holding its own ``mlflow.db`` (begun before this default) keeps using it."""
+    configured = sweep.base.tracking.tracking_uri
+    own = resolve_tracking_uri(configured, sweep.directory)  # a URI sweep folder: refused without a server
+    if own.startswith("sqlite:///") and Path(own[len("sqlite:///"):]).is_file():
+        return own  # a sweep begun when each sweep had its own store: --resume keeps it in one place
+    return resolve_tracking_uri(configured, sweep.base.output_dir)
+
+
 def validate(sweep: Sweep) -> tuple[str, Config]:
     """Everything that can fail before a trial starts: every trial's config is built and checked.
 
@@ -259,11 +273,33 @@ def validate(sweep: Sweep) -> tuple[str, Config]:
         raise SweepError(f"--resume: no sweep {sweep.name!r} in {sweep.directory}")
     from apex_ray.orchestration.launcher import preflight
 
-    uri = resolve_tracking_uri(sweep.base.tracking.tracking_uri, sweep.directory)
+    uri = sweep_tracking_uri(sweep)
     cells = sweep.cells or [Cell("probe", {r.key: r.low for r in sweep.search})]
     configs = [build_trial_config(sweep, c.label, c.overrides, uri, None) for c in cells]
     preflight(configs[0])  # the tracking server: shared by all trials
+    if not sweep.resume and parent_runs(uri, sweep.base.tracking.experiment, sweep.name):
+        # The store outlives the sweep's folder (it is the training runs' store): a new sweep of the
+        # same name would sit beside the old parent, and its trials would take over the old sweep's
+        # failed child runs of the same names (a rerun name resumes that run).
+        raise SweepError(f"the MLflow store {redact_credentials(uri)} already holds a sweep {sweep.name!r} (experiment "
+                         f"{sweep.base.tracking.experiment!r}), but {sweep.directory} has no Tune state to resume; "
+                         "start this one with --name NEW, or delete the old sweep's runs in MLflow to reuse the name")
     return uri, configs[0]
+
+
+def parent_runs(uri: str, experiment: str, name: str) -> list:
+    """The sweep parent runs called ``name`` in ``experiment``, newest first. The store is shared
+    with ordinary training runs, so a parent is told by its ``role`` tag, not by its name alone."""
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return []  # no store yet: do not create one before the sweep starts
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs([found.experiment_id], f"attributes.run_name = '{name}' and tags.role = 'sweep-parent'",
+                              order_by=["attributes.start_time DESC"])
 
 
 def run_sweep(sweep: Sweep) -> list[TrialOutcome]:
@@ -277,7 +313,12 @@ def run_sweep(sweep: Sweep) -> list[TrialOutcome]:
     connect(first, uri, sweep.verbose)  # before the parent run or any trial
     if not storage.is_uri(sweep.directory):
         Path(sweep.directory).mkdir(parents=True, exist_ok=True)
-    parent = RunLogger.find(uri, sweep.base.tracking.experiment, sweep.name) if sweep.resume else None
+    parent = None
+    if sweep.resume:  # the interrupted sweep's parent run, reopened
+        found = parent_runs(uri, sweep.base.tracking.experiment, sweep.name)
+        if found:
+            parent = RunLogger(uri, found[0].info.run_id)
+            parent.client.update_run(parent.run_id, status="RUNNING")
     if parent is None:
         params = {"sweep": sweep.kind, "metric": sweep.metric, "trials": len(sweep.cells) or sweep.num_samples,
                   "scheduler": sweep.scheduler, "search": "optuna" if sweep.search else "grid",

@@ -1,6 +1,7 @@
 """Every installed command (pyproject [project.scripts]) resolves to a CLI main that answers --help."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import subprocess
 import sys
@@ -33,3 +34,45 @@ def test_sweep_script_runs_by_path_without_a_path_hack():
     proc = subprocess.run([sys.executable, str(root / "sweeps" / "condition_shift.py"), "--help"],
                           capture_output=True, text=True, timeout=120, cwd=root)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+
+
+def _parsers_of(name: str, monkeypatch) -> list[argparse.ArgumentParser]:
+    """The parsers command ``name`` builds, caught as it starts parsing (nothing runs)."""
+    parsers = []
+
+    class Caught(Exception):
+        pass
+
+    def catch(self, *args, **kwargs):
+        parsers.append(self)
+        raise Caught
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
+    module, function = SCRIPTS[name].split(":")
+    with pytest.raises(Caught):
+        getattr(importlib.import_module(module), function)([])
+    return parsers
+
+
+def _actions(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _actions(sub)
+        elif not isinstance(action, argparse._HelpAction):
+            yield action
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_every_flag_of_every_command_has_help(name, monkeypatch):
+    missing = [action.option_strings or action.dest for parser in _parsers_of(name, monkeypatch)
+               for action in _actions(parser) if not action.help]
+    assert not missing, f"{name}: no help for {missing}"
+
+
+def test_export_names_a_checkpoint_that_does_not_exist(tmp_path, capsys):
+    from apex_ray.export import main
+
+    assert main([str(tmp_path / "missing" / "step_0000200"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'missing' / 'step_0000200'} does not exist" in err and "step_*" in err

@@ -46,6 +46,8 @@ def measured_peak(config) -> int:
     states = [*model.parameters(), *(t for s in optimizer.state.values() for t in s.values())]
     if isinstance(ema, EMA):
         states += list(ema.parameters())
+    if training.frozen is not None and hasattr(training.frozen, "parameters"):  # a full fine-tune's frozen copy
+        states += list(training.frozen.parameters())
     before = sum(t.numel() * t.element_size() for t in states)
     step = batch()
     peak, _ = allocated_by(lambda: runner.train_step([step]))

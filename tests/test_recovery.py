@@ -186,3 +186,112 @@ def test_ctrl_c_marks_the_mlflow_run_killed_and_says_how_to_resume(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("apex-ray").experiment_id],
                               "attributes.run_name = 'interrupted'")
     assert [r.info.status for r in runs] == ["KILLED"]
+
+
+def test_how_a_run_name_starts_resume_retry_new_and_fresh(tmp_path):
+    import datetime as dt
+
+    from apex_ray.orchestration.launcher import apply_run_start, plan_run_start
+
+    ray_storage = tmp_path / "ray"
+    assert plan_run_start(str(ray_storage), "r", named=True).action == "retry"  # died before a checkpoint
+    assert plan_run_start(str(ray_storage), "r", named=False).action == "new"
+    assert plan_run_start(str(ray_storage), "r", named=True, fresh=True).action == "new"
+    folder = ray_storage / "r"
+    (folder / "step_0000002").mkdir(parents=True)
+    (folder / "step_0000002" / "x").write_text("kept")
+    # A rerun resumes its own folder; --resume-from seeds only a run's first start.
+    resumed = plan_run_start(str(ray_storage), "r", named=True, resume_from="/elsewhere/step_0000004")
+    assert (resumed.action, resumed.moved_to, resumed.resume_from) == ("resume", None, "/elsewhere/step_0000004")
+    now = dt.datetime(2026, 1, 2, 3, 4, 5)
+    fresh = plan_run_start(str(ray_storage), "r", named=True, fresh=True, now=now)
+    assert (fresh.action, fresh.moved_to) == ("new", f"{folder}.replaced-20260102-030405")
+    assert folder.is_dir()  # deciding moves nothing
+    # --fresh --resume-from one of the old folder's own checkpoints: it follows the folder.
+    inside = plan_run_start(str(ray_storage), "r", named=True, fresh=True, now=now,
+                            resume_from=str(folder / "step_0000002"))
+    assert inside.resume_from == f"{folder}.replaced-20260102-030405/step_0000002"
+    cfg = config(tmp_path, "tracking.run_name=r", f"train.resume_from={folder / 'step_0000002'}")
+    moved = apply_run_start(inside, cfg)
+    assert not folder.exists() and (Path(inside.moved_to) / "step_0000002" / "x").read_text() == "kept"
+    assert moved.train.resume_from == inside.resume_from and cfg.train.resume_from != moved.train.resume_from
+    # Another --fresh in the same second does not overwrite the first one's folder.
+    (folder / "step_0000004").mkdir(parents=True)
+    assert plan_run_start(str(ray_storage), "r", True, True, now=now).moved_to.endswith(".replaced-20260102-030405-2")
+
+
+def test_fresh_points_the_replaced_mlflow_run_at_its_moved_checkpoints(tmp_path):
+    from mlflow import MlflowClient
+
+    from apex_ray.orchestration.launcher import retag_replaced_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("apex-ray")
+    folder, moved = str(tmp_path / "ray" / "r"), str(tmp_path / "ray" / "r.replaced-20260102-030405")
+    old = client.create_run(experiment, run_name="r", tags={
+        "checkpoint_path": f"{folder}/step_0000200", "export_path": f"{folder}/step_0000200/export"}).info.run_id
+    older = client.create_run(experiment, run_name="r", tags={  # replaced by an earlier --fresh: untouched
+        "checkpoint_path": f"{folder}.replaced-20250101-000000/step_0000100"}).info.run_id
+    other = client.create_run(experiment, run_name="other", tags={"checkpoint_path": f"{folder}/step_0000200"}).info.run_id
+    retag_replaced_runs(uri, "apex-ray", "r", folder, moved)
+    tags = client.get_run(old).data.tags
+    assert (tags["checkpoint_path"], tags["export_path"]) == (f"{moved}/step_0000200", f"{moved}/step_0000200/export")
+    assert client.get_run(older).data.tags["checkpoint_path"] == f"{folder}.replaced-20250101-000000/step_0000100"
+    assert client.get_run(other).data.tags["checkpoint_path"] == f"{folder}/step_0000200"
+
+
+def test_fresh_refuses_a_run_folder_in_an_object_store(monkeypatch):
+    from apex_ray.common import storage
+    from apex_ray.orchestration import launcher
+
+    monkeypatch.setattr(storage, "exists", lambda location: True)
+    with pytest.raises(ConfigError, match="no rename.*new tracking.run_name"):
+        launcher.plan_run_start("s3://bucket/runs/ray", "r", named=True, fresh=True)
+    assert launcher.plan_run_start("s3://bucket/runs/ray", "r", named=True).action == "resume"
+
+
+def test_a_worker_failure_line_says_why_and_how_many_restarts_are_left():
+    from ray.exceptions import RayTaskError
+
+    from apex_ray.orchestration.launcher import describe_worker_failure
+
+    boom = RuntimeError("boom\nsecond line")
+    assert describe_worker_failure({1: boom}, 1, 2) == (
+        "apex-ray: worker group failed (rank 1: RuntimeError: boom); restarting from the latest checkpoint, "
+        "1 of 2 restarts left")
+    wrapped = RayTaskError("train_fn", "Traceback ...", boom, RuntimeError)
+    line = describe_worker_failure({0: ValueError("x"), 1: wrapped}, 2, 2)
+    assert "(rank 0: ValueError: x; rank 1: RuntimeError: boom)" in line and "0 of 2 restarts left" in line
+    assert "no restarts left" in describe_worker_failure({1: boom}, 3, 2)
+    assert "unlimited restarts" in describe_worker_failure({1: boom}, 5, -1)
+    # A crashed rank comes first, with why its process is gone (through Ray Train's health-check
+    # wrapper); the survivor's broken collective is a consequence and follows.
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    died = WorkerHealthCheckFailedError("A worker health check failed.\nWorker info: ...", failure=ActorDiedError())
+    peer = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:41000")
+    assert describe_worker_failure({0: peer, 1: died}, 1, 1).startswith(
+        "apex-ray: worker group failed (rank 1: ActorDiedError: The actor died unexpectedly before finishing this "
+        "task; rank 0: RuntimeError: [gloo")
+
+
+def test_a_run_out_of_restarts_ends_with_its_workers_reason_not_a_traceback(monkeypatch, capsys):
+    from ray.train import WorkerGroupError
+
+    from apex_ray import train
+    from apex_ray.orchestration.launcher import describe_training_failure
+
+    failure = WorkerGroupError("Training failed due to worker errors", {1: RuntimeError("boom\nsecond line")})
+    assert describe_training_failure(failure) == "training failed (rank 1: RuntimeError: boom)"
+
+    def out_of_restarts(config, verbose=False, fresh=False):
+        raise failure
+
+    monkeypatch.setattr(train, "run", out_of_restarts)
+    assert train.main(["train.steps=1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: training failed (rank 1: RuntimeError: boom)") and "Traceback" not in err
+    with pytest.raises(WorkerGroupError):  # --verbose keeps Ray's own error and traceback
+        train.main(["--verbose", "train.steps=1"])

@@ -124,6 +124,19 @@ def test_benchmark_prints_a_table1_row(checkpoint, tmp_path, capsys):
     assert "Throughput (samples/s)" in out and "Latency (s)" in out
     row = out.splitlines()[-2].split()
     assert row[0] == "ema" and row[1] == "1" and float(row[2]) > 0 and float(row[3]) > 0
+    assert row[4] == "1.8M" and "Params (B)" not in out  # the tiny SANA, not "0.00" billions
+
+
+def test_parameter_counts_read_like_table1():
+    assert [sample_cli.parameter_count(n) for n in (1_812_345, 592_000_000, 1_604_000_000, 20_400_000_000, 950)] \
+        == ["1.8M", "0.6B", "1.6B", "20.4B", "950"]
+
+
+def test_a_missing_checkpoint_is_named_with_what_to_pass(tmp_path, capsys):
+    assert main(["--checkpoint", "/nonexistent/export/ema", "--prompts", "a cat"]) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint /nonexistent/export/ema does not exist" in err and "export/ema" in err
+    assert "bundled:shapes-teacher" in err and "--backbone" in err
 
 
 def test_a_folder_without_an_export_asks_for_the_backbone(tmp_path, capsys):

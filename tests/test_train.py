@@ -1,6 +1,8 @@
 """Distributed training on Ray Train (CPU, gloo), sharing one local Ray cluster."""
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 import time
@@ -31,8 +33,11 @@ def exported(result, which: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_two_worker_fsdp_run_tracks_everything_in_mlflow(ray_cluster, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square above a green triangle\nthree yellow stars\n")
     config = tiny_config(tmp_path, "train.steps=3", "train.checkpoint_every=2", "tracking.run_name=fsdp-run",
-                         "eval.grid_nfe=[1,2]", "eval.score_nfe=[1]", f"data.cache_dir={tmp_path / 'cache'}")
+                         "eval.grid_nfe=[1,2]", "eval.score_nfe=[1]", f"data.cache_dir={tmp_path / 'cache'}",
+                         f"eval.prompts={prompts}")
     assert config.data.source == "shapeeval"  # raw ShapeEval parquet -> Ray Data prepare -> streamed shards
     reports = tmp_path / "reports.log"
     result = run(config, callbacks=[report_log(reports)])
@@ -51,13 +56,35 @@ def test_two_worker_fsdp_run_tracks_everything_in_mlflow(ray_cluster, tmp_path):
     for key in ("loss", "loss_path", "loss_adv", "loss_shift", "grad_norm", "lr", "samples_per_s", "ema_decay"):
         history = client.get_metric_history(result.run_id, key)
         assert [m.step for m in history] == [1, 2, 3], key
+    # ShapeEval of the starting weights at step 0 (MLflow only, not a Ray Train report), then at the end.
     overall = client.get_metric_history(result.run_id, "shapeeval_nfe1/overall")
-    assert len(overall) == 1 and 0.0 <= overall[0].value <= 1.0
+    assert sorted(m.step for m in overall) == [0, 3] and all(0.0 <= m.value <= 1.0 for m in overall)
     assert client.get_metric_history(result.run_id, "shapeeval_nfe1/counting")
+    # Issue 15's branch-separation diagnostics at the evaluation, through the FSDP-sharded model and frozen copy.
+    for key in ("diag/fit_shifted_gen", "diag/fit_plain_gen", "diag/fit_shifted_real", "diag/fit_plain_real",
+                "diag/delta_ratio", "diag/cos_delta_frozen", "diag/plain_drift_rms", "diag/contrast_gen"):
+        history = client.get_metric_history(result.run_id, key)
+        assert [m.step for m in history] == [3] and math.isfinite(history[0].value), key
     # Sample grids are MLflow images with a key and a step (the UI's step slider, runs side by side).
     images = [a.path for a in client.list_artifacts(result.run_id, "images")]
     assert any("samples~nfe1+step+3+" in path and path.endswith(".png") for path in images), images
     assert any("samples~nfe2+step+3+" in path for path in images), images
+    assert any("samples~nfe1+step+0+" in path for path in images), images
+    # The eval.prompts grids, at every grid NFE, at step 0 and at evaluations.
+    assert any("prompts~nfe1+step+0+" in path and path.endswith(".png") for path in images), images
+    assert any("prompts~nfe1+step+3+" in path for path in images), images
+    assert any("prompts~nfe2+step+3+" in path for path in images), images
+    # Beside the grids, their captions in grid order.
+    listed = json.loads(Path(client.download_artifacts(result.run_id, "captions/prompts_nfe1.json",
+                                                       str(tmp_path / "dl-captions"))).read_text())
+    assert listed["captions"] == ["a red circle", "a blue square above a green triangle", "three yellow stars"]
+    assert {a.path for a in client.list_artifacts(result.run_id, "captions")} >= {
+        "captions/samples_nfe1.json", "captions/samples_nfe2.json", "captions/prompts_nfe2.json"}
+    # samples_per_s is the global rate (both workers); the per-worker mean beside it.
+    rate = {m.step: m.value for m in client.get_metric_history(result.run_id, "samples_per_s")}
+    per_worker = {m.step: m.value for m in client.get_metric_history(result.run_id, "samples_per_s_per_worker")}
+    assert rate.keys() == per_worker.keys() == {1, 2, 3}
+    assert all(rate[s] == pytest.approx(2 * per_worker[s]) for s in rate)
     # What a researcher opens first: the training view, a description, where the run came from,
     # the resolved config as a file, artifacts beside the store.
     experiment = client.get_experiment(run_info.info.experiment_id)
@@ -83,13 +110,17 @@ def test_two_worker_fsdp_run_tracks_everything_in_mlflow(ray_cluster, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["shapeeval", "inline-shapeeval"])  # Ray Data stream (the default) / in memory
-def test_worker_crash_resumes_from_checkpoint_and_matches_uninterrupted_run(ray_cluster, tmp_path, source):
+def test_worker_crash_resumes_from_checkpoint_and_matches_uninterrupted_run(ray_cluster, tmp_path, source, capsys):
     common = ["train.steps=5", "train.checkpoint_every=2", "eval.grid_nfe=[]", "eval.score_nfe=[]",
               "distributed.max_failures=1", f"data.source={source}", f"data.cache_dir={tmp_path / 'cache'}"]
     straight = run(tiny_config(tmp_path / "a", *common, "tracking.run_name=straight"))
     crashed = run(tiny_config(tmp_path / "b", *common, "tracking.run_name=crashed"),
                   train_loop=CrashAtStep(4, marker=tmp_path / "crashed-once"))  # the last rank dies once at step 4
     assert crashed.metrics["step"] == 5
+    # The console said why the workers restarted and how many restarts are left.
+    restarts = [line for line in capsys.readouterr().out.splitlines() if "worker group failed" in line]
+    assert len(restarts) == 1 and restarts[0].startswith("apex-ray: worker group failed (rank 1: "), restarts
+    assert restarts[0].endswith("); restarting from the latest checkpoint, 0 of 1 restart left"), restarts
     for which in ("ema", "student"):
         a, b = exported(straight, which), exported(crashed, which)
         assert a.keys() == b.keys()
@@ -116,13 +147,18 @@ def test_worker_crash_resumes_from_checkpoint_and_matches_uninterrupted_run(ray_
 
 
 @pytest.mark.slow
-def test_rerun_resumes_on_a_different_worker_count(ray_cluster, tmp_path):
-    base = ["eval.grid_nfe=[]", "eval.score_nfe=[]", "tracking.run_name=grow", "train.checkpoint_every=2"]
+def test_rerun_resumes_on_a_different_worker_count(ray_cluster, tmp_path, capsys):
+    base = ["eval.grid_nfe=[]", "eval.score_nfe=[1]", "tracking.run_name=grow", "train.checkpoint_every=2"]
     first = run(tiny_config(tmp_path, *base, "train.steps=2"))
     second = run(tiny_config(tmp_path, *base, "train.steps=4", "distributed.num_workers=1"))
     assert second.run_id == first.run_id  # the MLflow run continues too
-    steps = [m.step for m in MlflowClient(second.tracking_uri).get_metric_history(second.run_id, "loss")]
+    client = MlflowClient(second.tracking_uri)
+    steps = [m.step for m in client.get_metric_history(second.run_id, "loss")]
     assert steps == [1, 2, 3, 4]
+    # The starting weights are evaluated once, by the fresh run; the resumed one starts at step 2.
+    assert sorted(m.step for m in client.get_metric_history(second.run_id, "shapeeval_nfe1/overall")) == [0, 2, 4]
+    out = capsys.readouterr().out
+    assert out.count("step 0 (starting weights) | ShapeEval nfe1") == 1, out
 
 
 @pytest.mark.slow

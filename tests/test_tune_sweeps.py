@@ -85,6 +85,51 @@ def test_existing_sweep_needs_resume(tmp_path, capsys):
     assert "no sweep 'other'" in capsys.readouterr().err
 
 
+def test_sweeps_share_the_training_runs_store_by_default(tmp_path, monkeypatch):
+    from apex_ray.orchestration.tracking import TrackingError, resolve_tracking_uri
+    from sweeps.tuning import sweep_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    sweep = condition_shift.build(condition_shift.arguments().parse_args(["--output-dir", "sweeps-out"]))
+    # The store and experiment of an ordinary `python -m apex_ray.train` run: runs/apex/mlflow.db.
+    assert sweep_tracking_uri(sweep) == f"sqlite:///{tmp_path / 'runs' / 'apex' / 'mlflow.db'}"
+    assert sweep_tracking_uri(sweep) == resolve_tracking_uri(None, "runs/apex")
+    assert sweep.base.tracking.experiment == "apex-ray"
+    moved = condition_shift.build(condition_shift.arguments().parse_args(["--output-dir", "out", "output_dir=elsewhere"]))
+    assert sweep_tracking_uri(moved) == f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
+    served = condition_shift.build(condition_shift.arguments().parse_args(
+        ["--output-dir", "out", "tracking.tracking_uri=http://mlflow:5000"]))
+    assert sweep_tracking_uri(served) == "http://mlflow:5000"
+    in_bucket = condition_shift.build(condition_shift.arguments().parse_args(["--output-dir", "s3://bucket/sweeps"]))
+    with pytest.raises(TrackingError, match="tracking_uri"):  # object storage still needs a server
+        sweep_tracking_uri(in_bucket)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "sweeps-out").exists()
+    # A sweep begun when each sweep had its own store keeps it (its --resume finds its runs there).
+    (tmp_path / "sweeps-out" / "condition-shift").mkdir(parents=True)
+    (tmp_path / "sweeps-out" / "condition-shift" / "mlflow.db").touch()
+    assert sweep_tracking_uri(sweep) == f"sqlite:///{tmp_path / 'sweeps-out' / 'condition-shift' / 'mlflow.db'}"
+
+
+def test_a_new_sweep_may_not_take_a_name_the_shared_store_holds(tmp_path, monkeypatch, capsys):
+    from apex_ray.orchestration.tracking import RunLogger
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = f"sqlite:///{tmp_path / 'apex' / 'mlflow.db'}"
+    argv = ["--output-dir", str(tmp_path / "sweeps"), f"output_dir={tmp_path / 'apex'}"]
+    # An ordinary training run of the same name is not a sweep: no conflict (validation passes).
+    RunLogger.create(store, "apex-ray", "loss-weights", {}, {}).finish()
+    from sweeps.tuning import validate
+
+    validate(loss_weights.build(loss_weights.arguments().parse_args(argv)))
+    # A sweep parent of that name whose folder is gone (no Tune state to resume): refused, with the fix.
+    RunLogger.create(store, "apex-ray", "loss-weights", {"role": "sweep-parent"}, {}).finish("KILLED")
+    assert loss_weights.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds a sweep 'loss-weights'" in err and "--name NEW" in err, err
+    assert not (tmp_path / "sweeps" / "loss-weights" / "tune").exists()
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 with a sqlite store and proxied artifacts."""
@@ -138,7 +183,7 @@ def test_2x2_grid_over_http_mlflow(ray_cluster, tmp_path, capsys, mlflow_server)
 @pytest.mark.slow
 def test_failing_trial_is_marked_and_the_sweep_finishes(ray_cluster, tmp_path):
     sweep = loss_weights.build(loss_weights.arguments().parse_args(
-        ["--ratios", "1:0,1:1", "--name", "fail", "--output-dir", str(tmp_path), *FAST]))
+        ["--ratios", "1:0,1:1", "--name", "fail", "--output-dir", str(tmp_path), *FAST, f"output_dir={tmp_path}"]))
     sweep.base.distributed.max_failures = 0
     sweep.train_loop = CrashAtStep(1, run_name_suffix="lp=1 le=0")  # that trial's worker dies at step 1
     outcomes = {o.label: o for o in run_sweep(sweep)}
@@ -146,7 +191,7 @@ def test_failing_trial_is_marked_and_the_sweep_finishes(ray_cluster, tmp_path):
     assert outcomes["lp=1 le=1"].status == "ok" and 0.0 <= outcomes["lp=1 le=1"].overall <= 1.0
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'fail' / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the training runs' store (base output_dir)
     parent = client.search_runs([client.get_experiment_by_name("apex-ray").experiment_id],
                                 "attributes.run_name = 'fail'")[0]
     assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_ok"] == 1
@@ -156,7 +201,9 @@ def test_failing_trial_is_marked_and_the_sweep_finishes(ray_cluster, tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
-    argv = ["--ratios", "1:0,1:1", "--output-dir", str(tmp_path), *FAST, "--concurrency", "1"]
+    # The overrides (FAST's and output_dir, where the MLflow store goes) stay together: argparse
+    # takes the positional overrides as one run of words.
+    argv = ["--ratios", "1:0,1:1", "--output-dir", str(tmp_path), *FAST, f"output_dir={tmp_path}", "--concurrency", "1"]
     process = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "loss_weights.py"), *argv],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                                env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, start_new_session=True)
@@ -172,7 +219,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     assert "--resume" in log
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'loss-weights' / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("apex-ray").experiment_id
     first = client.search_runs([experiment], "attributes.run_name = 'loss-weights/lp=1 le=0'")
@@ -190,7 +237,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
 @pytest.mark.slow
 def test_optuna_search_with_asha_runs_its_trial_budget(ray_cluster, tmp_path, capsys):
     code = condition_shift.main(["--search", "optuna", "--trials", "2", "--scheduler", "asha", "--name", "opt",
-                                 "--output-dir", str(tmp_path), *FAST, "--steps", "4"])
+                                 "--output-dir", str(tmp_path), *FAST, f"output_dir={tmp_path}", "--steps", "4"])
     out = capsys.readouterr().out
     assert code == 0, out
     rows = [line for line in out.splitlines() if line.startswith("| shift_a=")]

@@ -17,6 +17,7 @@ import torch
 from apex_ray.config import Config
 from apex_ray.engine.checkpointing import LoRATrainingState, TrainingState
 from apex_ray.engine.parallel import apply_fsdp, gradient_sync, mixed_precision_dtype, parallelize, unwrap
+from apex_ray.engine.reference import AdapterOff, FrozenCopy, keeps_frozen_reference
 from apex_ray.engine.step import StepRunner, build_lr_scheduler, build_objective, build_optimizer
 from apex_ray.method.ema import EMA
 from apex_ray.models import VelocityModel, build_backbone, get_backbone_preset
@@ -36,6 +37,9 @@ class Training:
     runner: StepRunner
     state: TrainingState | LoRATrainingState
     lora: LoRASummary | None
+    # The no-grad starting model (engine.reference) when keeps_frozen_reference(config), else None.
+    # Not checkpointed: a resume rebuilds it from model.pretrained (or the seeded random init).
+    frozen: FrozenCopy | AdapterOff | None = None
 
     @property
     def backbone(self) -> VelocityModel:
@@ -193,6 +197,9 @@ def build_training(config: Config, device: torch.device | str = "cpu", rank: int
     device = torch.device(device)
     backbone, ema, lora = build_model(config, text_embed_dim=text_embed_dim, architecture=architecture,
                                       pretrained=pretrained, empty=True)
+    frozen: FrozenCopy | AdapterOff | None = None
+    if keeps_frozen_reference(config):  # built on meta beside the model, before either is sharded
+        frozen = AdapterOff(backbone) if lora is not None else FrozenCopy(backbone)
     if lora is not None:
         cast_base(backbone, frozen_base_dtype(config, device, distributed))
     compute_dtype = mixed_precision_dtype(config.distributed.mixed_precision, device)
@@ -206,21 +213,27 @@ def build_training(config: Config, device: torch.device | str = "cpu", rank: int
         model = shard_or_wrap()
         if lora is None:  # the full EMA is sharded like the model (an adapter EMA already is)
             apply_fsdp(ema.module, ema.module.blocks(), compute_dtype)
+        if isinstance(frozen, FrozenCopy):  # and so is the frozen copy
+            apply_fsdp(frozen.module, frozen.module.blocks(), compute_dtype)
     materialize(backbone, device)
     if lora is None:
         materialize(ema, device)
+    if isinstance(frozen, FrozenCopy):
+        materialize(frozen, device)
     load_weights(config, backbone, ema, text_embed_dim=text_embed_dim, architecture=architecture,
                  pretrained=pretrained)
+    if isinstance(frozen, FrozenCopy):
+        frozen.copy_from(backbone)  # the starting weights; a checkpoint loaded later leaves it alone
     if strategy != "fsdp":
         model = shard_or_wrap()  # DDP broadcasts rank 0's (equal) weights: wrap filled parameters
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_lr_scheduler(optimizer, config.optim.warmup_steps, config.optim.decay, config.train.steps,
                                    config.optim.min_lr_ratio)
     runner = StepRunner(
-        model, ema, build_objective(config), optimizer, scheduler,
+        model, ema, build_objective(config, frozen), optimizer, scheduler,
         grad_clip=config.optim.grad_clip, seed=config.train.seed, rank=rank, device=device,
         max_nonfinite_steps=config.train.max_nonfinite_steps, grad_sync=gradient_sync(model),
         autocast_dtype=compute_dtype if strategy != "fsdp" else None,  # FSDP2 casts through its policy
     )
     state = (LoRATrainingState if lora else TrainingState)(model, optimizer, ema)
-    return Training(config, model, ema, optimizer, runner, state, lora)
+    return Training(config, model, ema, optimizer, runner, state, lora, frozen)

@@ -196,6 +196,8 @@ def plan(config: Config, gpu_memory_gib: float = 80.0, sizes: ModelSizes | None 
     shards = config.world_size if fsdp else 1
     element = compute_bytes(config)
     lora = config.model.lora.enabled
+    from apex_ray.engine.reference import keeps_frozen_reference  # here: engine.reference imports the models
+    frozen_copy = not lora and keeps_frozen_reference(config)
     base = frozen_base_bytes(config) if lora else 4
     base_name = f"frozen base ({'bf16' if base == 2 else 'fp32'}{', sharded' if fsdp else ''})"
     rows = [
@@ -204,10 +206,13 @@ def plan(config: Config, gpu_memory_gib: float = 80.0, sizes: ModelSizes | None 
         ("gradients (fp32)", 4 * sizes.trainable / shards),
         ("AdamW moments (2 x fp32)", 8 * sizes.trainable / shards),
         ("EMA adapter (fp32)" if lora else "EMA (fp32)", 4 * sizes.ema / shards),
+        # engine.reference: a full fine-tune's no-grad copy of the starting weights (LoRA: the base, free)
+        ("frozen starting model (fp32)", 4 * sizes.trainable / shards if frozen_copy else 0),
         ("buffers and constants", sizes.constant_bytes),
     ]
     if fsdp:
         ema_root = 0 if lora else sizes.root  # the full EMA is its own FSDP root
+        ema_root += sizes.root if frozen_copy else 0  # and so is a frozen copy
         rows.append((f"gathered root + 2 blocks ({'bf16' if element == 2 else 'fp32'})",
                      element * (sizes.root + ema_root + 2 * sizes.largest_block)))
         rows.append(("block gradient buffers", (element + 4) * sizes.largest_block_trainable))
@@ -221,9 +226,10 @@ def plan(config: Config, gpu_memory_gib: float = 80.0, sizes: ModelSizes | None 
     rows = [(name, value) for name, value in rows if value > 0]
     # Load: the states above that exist before the first step (weights, base, EMA), each rank its
     # shards, plus one parameter's block being filled (read in fp32 at most).
-    resident = sum(value for name, value in rows if name.startswith(("master weights", "frozen base", "EMA", "buffers")))
+    resident = sum(value for name, value in rows
+                   if name.startswith(("master weights", "frozen base", "frozen starting", "EMA", "buffers")))
     load = resident + 4 * sizes.largest_tensor / shards
-    whole = 4 * (sizes.total + (0 if lora else sizes.ema))
+    whole = 4 * (sizes.total + (0 if lora else sizes.ema) + (sizes.trainable if frozen_copy else 0))
     return MemoryPlan(rows, config.world_size, gpu_memory_gib * GIB * (1 - RESERVED_FRACTION), sizes, micro,
                       load=load, whole_model_load=whole)
 

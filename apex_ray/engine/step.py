@@ -23,9 +23,10 @@ from apex_ray.method.ema import EMA
 from apex_ray.method.objective import APEXObjective, FlowMatchingObjective
 
 
-def build_objective(config: Config) -> APEXObjective | FlowMatchingObjective:
+def build_objective(config: Config, frozen: Callable | None = None) -> APEXObjective | FlowMatchingObjective:
+    """The run's objective; ``frozen`` is the no-grad starting model (``shift_reference=frozen``)."""
     if config.objective.kind == "apex":
-        return APEXObjective(config.objective.apex, FakeSampleBuffer(config.objective.buffer_size))
+        return APEXObjective(config.objective.apex, FakeSampleBuffer(config.objective.buffer_size), frozen=frozen)
     return FlowMatchingObjective(config.objective.flow_matching)
 
 
@@ -140,7 +141,7 @@ class StepRunner:
             last = i == len(micro_batches) - 1
             with self.grad_sync(last), self._autocast():
                 out = self.objective(self.model, ema_fn, batch.latents, batch.cond,
-                                     self.noise_generator, self.structure_generator)
+                                     self.noise_generator, self.structure_generator, step=self.step)
                 (out.loss / len(micro_batches)).backward()
             for key, value in out.parts.items():
                 sums[key] = sums.get(key, 0.0) + value / len(micro_batches)

@@ -8,7 +8,10 @@ Forward passes per APEX step (batch B, ``n_a`` anchors, ``n_adv`` buffer draws):
      batched with the shifted-condition forward of L_adv;
   2. one EMA call without gradient on ``2B`` rows: ``F_ema`` at ``x_t`` and ``x_s`` (eq. 10);
   3. one call without gradient on ``2 n_a`` rows: the shifted and reference forwards of
-     ``delta_d`` (eq. 18), or two calls when the reference is the EMA.
+     ``delta_d`` (eq. 18), or two calls when the reference is the EMA or the frozen starting model.
+
+A fake-score-only step (``adv_steps_per_generator_step > 1``) makes call 1 alone, on the
+``n_a + n_adv`` anchor and L_adv rows.
 """
 from __future__ import annotations
 
@@ -137,6 +140,11 @@ def stochastic_count(expected: float, generator: random.Random | torch.Generator
 # ---------------------------------------------------------------------------------------------
 
 
+SHIFT_REFERENCES = ("online", "ema", "frozen")
+RELEASED_ADV_WEIGHT = 1.0  # LINs-lab/APEX: adversarial rows in the main loss's mean over the batch
+RELEASED_SHIFT_WEIGHT = 2.0  # LINs-lab/APEX: dist_match_cof 0.5 times the mean over a quarter of the batch
+
+
 @dataclass
 class APEXConfig:
     """Hyper-parameters of the APEX objective. Defaults follow the paper and the design page."""
@@ -154,8 +162,24 @@ class APEXConfig:
     shift_a: float = -0.5  # c' = a c + b (eq. 16); Table 6's best cell
     shift_b: float = 1.0
     shift_target: ShiftTarget = "text"  # paper: text; released code: time with a = -1, b = 0
-    shift_reference: Literal["online", "ema"] = "online"  # F_ref of delta_d: eq. 18 (online) or Alg. 1 l. 16 (EMA)
-    delta_clip: float | None = None  # optional element-wise clip of delta_d
+    # F_ref of delta_d (eq. 18): online (the network itself, eq. 18), ema (Alg. 1 l. 16) or frozen (the
+    # starting model, no grad: a sharded no-grad copy under a full fine-tune, the base with the adapter
+    # off under LoRA; issue 15: the plain branch drifts from the teacher by more than delta_d itself).
+    shift_reference: Literal["online", "ema", "frozen"] = "online"
+    # Element-wise clip of delta_d to [-delta_clip, delta_clip] (eq. 18); the released trainer clamps
+    # to [-1, 1] (``dist_match``): delta_clip=1.0. None disables.
+    delta_clip: float | None = None
+    # Per-row weights of L_adv (eq. 17) and L_shift (eq. 19) in the total loss (eq. 20):
+    # paper: the mean over the n_adv draws and over the n_a anchors (4/B per row each at the default
+    # quarter-batch shares); released: LINs-lab/APEX's weights, 1/B per adversarial row (its rows sit in
+    # the main loss's batch mean) and 2/B per anchor row (dist_match_cof 0.5 over a quarter batch),
+    # i.e. L_adv = sum_adv / B and L_shift = 2 sum_shift / B.
+    weighting: Literal["paper", "released"] = "paper"
+    # L_adv steps per generator step (eq. 15 vs eq. 19 / 10-13, DMD2's fake-score update ratio): on
+    # steps with step % k != 0 only the fake score trains, L = lambda_e L_adv (the anchors still make
+    # fresh fakes for the buffer; no L_path, no L_shift, no EMA or delta_d forwards); every k-th step
+    # (step 0 first) is a full step. 1 = every step is a full step (the paper).
+    adv_steps_per_generator_step: int = 1
 
     def __post_init__(self) -> None:
         self.time_beta = tuple(float(v) for v in self.time_beta)  # type: ignore[assignment]
@@ -176,8 +200,12 @@ class APEXConfig:
             errors.append(f"adv_frac must be in (0, 1], got {self.adv_frac}")
         if self.shift_target not in SHIFT_TARGETS:
             errors.append(f"shift_target must be one of {SHIFT_TARGETS}, got {self.shift_target!r}")
-        if self.shift_reference not in ("online", "ema"):
-            errors.append(f"shift_reference must be 'online' or 'ema', got {self.shift_reference!r}")
+        if self.shift_reference not in SHIFT_REFERENCES:
+            errors.append(f"shift_reference must be one of {SHIFT_REFERENCES}, got {self.shift_reference!r}")
+        if self.weighting not in ("paper", "released"):
+            errors.append(f"weighting must be 'paper' or 'released', got {self.weighting!r}")
+        if not isinstance(self.adv_steps_per_generator_step, int) or self.adv_steps_per_generator_step < 1:
+            errors.append(f"adv_steps_per_generator_step must be an integer >= 1, got {self.adv_steps_per_generator_step!r}")
         for name in ("target_clip", "delta_clip"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -206,9 +234,22 @@ class APEXObjective:
     one-step generations and is filled by this objective.
     """
 
-    def __init__(self, config: APEXConfig, buffer: FakeSampleBuffer) -> None:
+    def __init__(self, config: APEXConfig, buffer: FakeSampleBuffer, frozen: VelocityFn | None = None) -> None:
         self.config = config
         self.buffer = buffer
+        self.frozen = frozen  # the starting model, no grad: F_ref of delta_d when shift_reference=frozen
+        if config.shift_reference == "frozen" and frozen is None:
+            raise ValueError("shift_reference=frozen needs the frozen starting model (APEXObjective(..., frozen=...))")
+
+    def is_generator_step(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) trains the generator (L_path, L_shift) or only the fake score."""
+        return step % self.config.adv_steps_per_generator_step == 0
+
+    def _endpoint_weights(self, batch: int, n_adv: int, n_anchor: int) -> tuple[float, float]:
+        """(per-row weight of L_adv, per-row weight of L_shift); see ``APEXConfig.weighting``."""
+        if self.config.weighting == "released":
+            return RELEASED_ADV_WEIGHT / batch, RELEASED_SHIFT_WEIGHT / batch
+        return 1.0 / max(n_adv, 1), 1.0 / max(n_anchor, 1)
 
     def _norm(self, error: torch.Tensor) -> torch.Tensor:
         return multiscale_adaptive_l2(error, self.config.norm_power, self.config.norm_eps)
@@ -221,15 +262,19 @@ class APEXObjective:
         cond: Conditioning,
         generator: torch.Generator | None = None,
         structure_generator: random.Random | torch.Generator | None = None,
+        step: int = 0,
     ) -> StepLoss:
         """One step's loss. ``generator`` draws noise and times; ``structure_generator`` (default:
         the same) draws the anchor and buffer counts, which fix the network calls a step makes:
         distributed callers seed it identically on every rank so that all ranks make the same calls.
+        ``step`` (0-based, the same on every rank) picks generator and fake-score-only steps
+        (``adv_steps_per_generator_step``).
         """
         cfg = self.config
         structure_generator = structure_generator or generator
         batch, device = x.shape[0], x.device
         use_path, use_endpoint = cfg.lambda_path > 0, cfg.lambda_endpoint > 0
+        generator_step = self.is_generator_step(step) or not use_endpoint or len(self.buffer) == 0
         calls = rows = 0
 
         # Line 2-3: times, noise and both path points from the same (x, z).
@@ -246,9 +291,12 @@ class APEXObjective:
         # L_adv draws from generations pushed on earlier steps (or seeded offline); on a fresh,
         # unseeded buffer the first step has no L_adv.
         n_adv = 0
-        inputs, times, conds = [x_t], [t], [cond]
         if use_endpoint and len(self.buffer) > 0:
             n_adv = stochastic_count(cfg.adv_frac * batch, structure_generator)
+        generator_step = generator_step or n_adv == 0  # a fake-score step needs fakes to learn from
+        use_path = use_path and generator_step  # a fake-score step: L_adv only (anchors still make fresh fakes)
+        main = batch if generator_step else n_anchor  # a fake-score step runs only the anchors' rows
+        inputs, times, conds = [x_t[:main]], [t[:main]], [cond if generator_step else cond.index(slice(0, main))]
         if n_adv > 0:
             x_fake, cond_fake = self.buffer.sample(n_adv, generator, device)
             x_fake = x_fake.to(x.dtype)
@@ -259,9 +307,9 @@ class APEXObjective:
             inputs.append(x_adv)
             times.append(t_adv_in)
             conds.append(cond_adv)
-        out = model(torch.cat(inputs), torch.cat(times), Conditioning.cat(conds) if len(conds) > 1 else cond)
+        out = model(torch.cat(inputs), torch.cat(times), Conditioning.cat(conds) if len(conds) > 1 else conds[0])
         calls, rows = calls + 1, rows + out.shape[0]
-        f_theta, f_adv = out[:batch], out[batch:]
+        f_theta, f_adv = out[:main], out[main:]
 
         parts: dict[str, torch.Tensor | float] = {}
         loss = x.new_zeros(())
@@ -279,25 +327,27 @@ class APEXObjective:
 
         # Lines 11-19: endpoint fidelity by self-condition shifting (eq. 15-19).
         if use_endpoint:
+            w_adv, w_shift = self._endpoint_weights(batch, n_adv, n_anchor)
             l_adv = x.new_zeros(())
             if n_adv > 0:
-                l_adv = adversarial_loss(f_adv, z_fake, x_fake, power=cfg.norm_power, eps=cfg.norm_eps).mean()
+                l_adv = adversarial_loss(f_adv, z_fake, x_fake, power=cfg.norm_power, eps=cfg.norm_eps).sum() * w_adv
             l_shift = x.new_zeros(())
             if n_anchor > 0:
                 f_a = f_theta[:n_anchor]
                 cond_a = cond.index(slice(0, n_anchor))
                 x_hat = (z[:n_anchor] - f_a).detach()  # one-step generation, eq. 3 at t = 1
-                delta_d, extra_calls = self._shift_residual(model, ema, x_hat, cond_a, generator)
-                calls, rows = calls + extra_calls, rows + 2 * n_anchor
-                # Paired row by row: delta_d[i] was computed from anchor i's own generation.
-                l_shift = shift_loss(-f_a, delta_d, power=cfg.norm_power, eps=cfg.norm_eps).mean()
+                if generator_step:
+                    delta_d, extra_calls = self._shift_residual(model, ema, x_hat, cond_a, generator)
+                    calls, rows = calls + extra_calls, rows + 2 * n_anchor
+                    # Paired row by row: delta_d[i] was computed from anchor i's own generation.
+                    l_shift = shift_loss(-f_a, delta_d, power=cfg.norm_power, eps=cfg.norm_eps).sum() * w_shift
                 self.buffer.push(x_hat, cond_a)
             loss = loss + cfg.lambda_endpoint * (l_adv + l_shift)
             parts.update(loss_adv=l_adv.detach(), loss_shift=l_shift.detach(),
                          loss_endpoint=(l_adv + l_shift).detach())
 
         parts["loss"] = loss.detach()
-        parts.update(n_anchor=float(n_anchor), n_adv=float(n_adv))
+        parts.update(n_anchor=float(n_anchor), n_adv=float(n_adv), generator_step=float(generator_step))
         return StepLoss(loss, parts, calls, rows)
 
     @torch.no_grad()
@@ -316,7 +366,8 @@ class APEXObjective:
             both = model(torch.cat([y, y]), torch.cat([t_shifted, t]), Conditioning.cat([cond_shifted, cond]))
             f_shifted, f_ref, calls = both[:n], both[n:], 1
         else:
-            f_shifted, f_ref, calls = model(y, t_shifted, cond_shifted), ema(y, t, cond), 2
+            reference = ema if cfg.shift_reference == "ema" else self.frozen
+            f_shifted, f_ref, calls = model(y, t_shifted, cond_shifted), reference(y, t, cond), 2
         delta_d = f_shifted - f_ref
         if cfg.delta_clip is not None:
             delta_d = delta_d.clamp(-cfg.delta_clip, cfg.delta_clip)
@@ -347,6 +398,7 @@ class FlowMatchingObjective:
     def __call__(
         self, model: VelocityFn, ema: VelocityFn | None, x: torch.Tensor, cond: Conditioning,
         generator: torch.Generator | None = None, structure_generator: torch.Generator | None = None,
+        step: int = 0,
     ) -> StepLoss:
         cfg = self.config
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import re
 import signal
 import threading
 from dataclasses import dataclass
@@ -72,6 +73,13 @@ def check_remote_locations(config: Config) -> None:
                               "or fake-sample buffer; check the URI or rerun the data job that makes it")
     if config.train.resume_from:
         _check_resume_from(config.train.resume_from)
+    if config.eval.prompts and storage.is_uri(config.eval.prompts):  # a local file was read by load_config
+        from apex_ray.config import read_prompt_file
+
+        try:
+            read_prompt_file(config.eval.prompts)
+        except ValueError as err:
+            raise ConfigError(f"{err}; check the URI and the store's credentials / endpoint") from None
     if storage.is_uri(config.output_dir):
         try:
             storage.check_writable(config.output_dir)
@@ -80,19 +88,101 @@ def check_remote_locations(config: Config) -> None:
                               "credentials and the endpoint (AWS_ENDPOINT_URL, ...)") from None
 
 
+def quiet_console() -> None:
+    """Keep Ray's own output off this process's console (``--verbose`` skips this), so that it
+    shows only apex-ray's lines: Ray Data's progress bars and console logs (its log files under
+    the session's ``logs/ray-data`` stay complete), Python warnings raised inside Ray or MLflow
+    and Ray Train's driver-side logs. Ray Core's start-up lines, its workers' and the Train controller's
+    output are kept off by :func:`start_ray`."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"(ray|mlflow)(\.|$)")
+    import ray.data
+    from ray.data._internal.logging import SessionFileHandler
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, (SessionFileHandler, logging.FileHandler)):
+            handler.setLevel(logging.ERROR)
+    logging.getLogger("ray.train").setLevel(logging.ERROR)
+    # MLflow's artifact progress bars (logging the exported models downloads and uploads them).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+_CXX_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,.]+ [A-Z] \d+ \d+\] ")
+"""A line of Ray's C++ log (``[2026-01-01 12:00:00,000 E 123 123] core_worker.cc:...``)."""
+
+
+@contextlib.contextmanager
+def _quiet_ray_init() -> Iterator[None]:
+    """Around a quiet ``ray.init``: this driver's core worker logs C++ lines only at FATAL, and
+    what it prints while starting (the line saying so) is dropped; anything else written to
+    stderr meanwhile is passed on afterwards.
+
+    Without this the console gets a red ``[E] core_worker.cc: Actor with class name:
+    'MapWorker(...)' ... has constructor arguments in the object store and max_restarts > 0``
+    at the first Ray Data actor pool (the data preparation's encoders): Ray Data always hands its
+    actors their DataContext and UDF as object refs and lets them restart (ray-project/ray#53727),
+    which is harmless here. ``RAY_BACKEND_LOG_LEVEL`` is read when the driver connects; it is set
+    only for that moment, so the processes a local ``ray.init`` starts (GCS, raylet, workers) keep
+    Ray's default log level in their log files. A value the user set is left alone."""
+    import sys
+    import tempfile
+
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.connect
+    user_level = "RAY_BACKEND_LOG_LEVEL" in os.environ
+
+    def connect(*args, **kwargs):
+        if user_level:
+            return original(*args, **kwargs)
+        os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+        try:
+            return original(*args, **kwargs)
+        finally:
+            os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    capture = tempfile.TemporaryFile()
+    os.dup2(capture.fileno(), 2)
+    ray_worker.connect = connect
+    try:
+        yield
+    finally:
+        ray_worker.connect = original
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        capture.seek(0)
+        kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                if not _CXX_LOG_LINE.match(line)]
+        capture.close()
+        if kept:
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
 def start_ray(verbose: bool, workers: int, cpus_per_worker: float) -> None:
     import logging
 
     import ray
 
+    if not verbose:
+        quiet_console()
     if ray.is_initialized():
         return
     quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.ERROR}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)  # join the running cluster (e.g. under `ray job submit`)
-    else:
-        cpus = max(os.cpu_count() or 1, int(workers * cpus_per_worker) + 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
+    with contextlib.nullcontext() if verbose else _quiet_ray_init():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(**quiet)  # join the running cluster (e.g. under `ray job submit`)
+        else:
+            cpus = max(os.cpu_count() or 1, int(workers * cpus_per_worker) + 1)
+            ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
 
 
 def connect(config: Config, tracking_uri: str, verbose: bool = False) -> None:
@@ -148,29 +238,118 @@ def _print_progress(queue, stop: threading.Event) -> None:
             return
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """How :func:`run` starts a run name (:func:`plan_run_start`)."""
+
+    action: str
+    """``resume``: the run folder exists, Ray Train resumes it from its latest checkpoint and the
+    MLflow run of that name continues; ``retry``: a named run that died before its first
+    checkpoint (its FAILED / KILLED MLflow run continues, if any); ``new``: a new run (and MLflow
+    run), also after ``--fresh`` moved the old folder aside."""
+    run_folder: str
+    moved_to: str | None = None
+    """``--fresh``: where the old run folder goes (``<name>.replaced-<timestamp>`` beside it)."""
+    resume_from: str | None = None
+    """``train.resume_from`` as the run must see it (moved along when it was inside the old folder)."""
+
+
+def plan_run_start(ray_storage: str, run_name: str, named: bool, fresh: bool = False,
+                   resume_from: str | None = None, now: dt.datetime | None = None) -> RunStart:
+    """Decide how a run named ``run_name`` (``named``: given as ``tracking.run_name``) starts.
+
+    Without ``fresh`` a name that has a run folder resumes it (``resume_from`` then has no effect:
+    it seeds only a run's first start, so rerunning an interrupted ``--resume-from`` command
+    continues that run). With ``fresh`` the old folder is to be renamed aside, never deleted, and
+    a new run (and MLflow run of the same name) starts, from ``resume_from`` if given, else from
+    step 0; a ``resume_from`` inside the old folder follows it to its new place. A URI output_dir
+    is refused: an object store has no rename. Nothing is moved here: see :func:`apply_run_start`."""
+    folder = storage.join(ray_storage, run_name)
+    if not storage.exists(folder):
+        return RunStart("new" if fresh or not named else "retry", folder, resume_from=resume_from)
+    if not fresh:
+        return RunStart("resume", folder, resume_from=resume_from)
+    if storage.is_uri(folder):
+        raise ConfigError(f"--fresh: the run folder {folder} is in an object store, which has no rename, and "
+                          "apex-ray does not delete checkpoints: choose a new tracking.run_name, or move or delete "
+                          "that prefix with the store's own tools first")
+    stamp = (now or dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    moved_to = f"{folder}.replaced-{stamp}"
+    n = 2
+    while os.path.exists(moved_to):
+        moved_to, n = f"{folder}.replaced-{stamp}-{n}", n + 1
+    if resume_from and not storage.is_uri(resume_from):
+        source = Path(resume_from).expanduser().resolve()
+        if source.is_relative_to(Path(folder).resolve()):
+            resume_from = str(Path(moved_to) / source.relative_to(Path(folder).resolve()))
+    return RunStart("new", folder, moved_to, resume_from)
+
+
+def apply_run_start(start: RunStart, config: Config) -> Config:
+    """Move the old run folder aside for ``--fresh`` and return ``config`` with the run's
+    ``train.resume_from``."""
+    if start.moved_to:
+        os.rename(start.run_folder, start.moved_to)
+        print(f"apex-ray: --fresh: moved the old run folder aside to {start.moved_to}", flush=True)
+    elif start.action == "resume" and start.resume_from:
+        print(f"apex-ray: run folder {start.run_folder} exists, so the run resumes from its own latest checkpoint; "
+              "--resume-from seeds only a run's first start (add --fresh to start this name again from it)",
+              flush=True)
+    if start.resume_from != config.train.resume_from:
+        config = config.model_copy(update={"train": config.train.model_copy(update={"resume_from": start.resume_from})})
+    return config
+
+
+def retag_replaced_runs(tracking_uri: str, experiment: str, run_name: str, run_folder: str, moved_to: str) -> None:
+    """After ``--fresh`` moved ``run_folder`` to ``moved_to``: the earlier MLflow runs of this name
+    point their ``checkpoint_path`` / ``export_path`` tags at the moved folder. Left as they were,
+    they would name the new run's checkpoints of the same step (``.../<name>/step_0000200``)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return
+    for old in client.search_runs([found.experiment_id], f"attributes.run_name = '{run_name}'", max_results=1000):
+        for key in ("checkpoint_path", "export_path"):
+            value = old.data.tags.get(key, "")
+            if value == run_folder or value.startswith(run_folder.rstrip("/") + "/"):
+                client.set_tag(old.info.run_id, key, moved_to + value[len(run_folder.rstrip("/")):])
+
+
 def run(config: Config, verbose: bool = False, callbacks: list | None = None,
-        train_loop: Callable[[dict], None] | None = None) -> TrainResult:
+        train_loop: Callable[[dict], None] | None = None, fresh: bool = False) -> TrainResult:
     """Train with ``config`` (already validated) and return where everything went.
 
     ``callbacks`` are Ray Train ``UserCallback``s (the sweeps pass Tune's report callback);
     ``train_loop`` is the per-worker loop, :func:`apex_ray.orchestration.worker.train_worker` by
-    default (tests wrap it to inject faults).
+    default (tests wrap it to inject faults). ``fresh`` (``--fresh``): a ``tracking.run_name``
+    that already has a run folder starts again as a new run instead of resuming
+    (:func:`plan_run_start`).
     """
     tracking_uri = preflight(config)
-    connect(config, tracking_uri, verbose)
     output_dir = storage.resolve(config.output_dir)
-    if not storage.is_uri(output_dir):
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-    config = config.model_copy(update={"output_dir": output_dir})
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_name = config.tracking.run_name or f"{config.objective.kind}-{config.model.backbone}-{stamp}"
+    ray_storage = storage.join(output_dir, "ray")  # Ray Train's run state and checkpoints
+    # Decided (and a --fresh refused) before Ray starts; the old folder moves once Ray is up.
+    start = plan_run_start(ray_storage, run_name, bool(config.tracking.run_name), fresh, config.train.resume_from)
+    connect(config, tracking_uri, verbose)
+    if not storage.is_uri(output_dir):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    config = apply_run_start(start, config.model_copy(update={"output_dir": output_dir}))
+    if start.moved_to:
+        try:
+            retag_replaced_runs(tracking_uri, config.tracking.experiment, run_name, start.run_folder, start.moved_to)
+        except Exception as err:  # the new run trains regardless; say which tags are now stale
+            print(f"apex-ray: could not point the earlier MLflow run(s) {run_name!r} at {start.moved_to} ({err}); "
+                  "their checkpoint_path tags still name the old place", flush=True)
     tags = {"objective": config.objective.kind, "backbone": config.model.backbone,
             "strategy": config.distributed.strategy, "workers": str(config.world_size), **config.tracking.tags}
-    ray_storage = storage.join(output_dir, "ray")  # Ray Train's run state and checkpoints
     logger = None
-    if storage.exists(storage.join(ray_storage, run_name)):  # Ray Train resumes this run from its latest checkpoint
+    if start.action == "resume":  # Ray Train resumes this run from its latest checkpoint
         logger = RunLogger.find(tracking_uri, config.tracking.experiment, run_name)
-    elif config.tracking.run_name:  # an attempt that died before its first checkpoint: same run again
+    elif start.action == "retry":  # an attempt that died before its first checkpoint: same run again
         logger = RunLogger.find(tracking_uri, config.tracking.experiment, run_name, ("FAILED", "KILLED"))
     if logger is None:
         logger = RunLogger.create(tracking_uri, config.tracking.experiment, run_name, tags, config.to_flat_dict(),
@@ -235,6 +414,106 @@ def _stop_on_input_error():
                     raise type(found)(f"worker {rank}: {found}")
 
     return StopOnInputError()
+
+
+def _root_error(error: BaseException) -> BaseException:
+    """The innermost exception under Ray's wrappers (as :func:`input_error_in` walks them, and
+    through Ray Train's ``WorkerHealthCheckFailedError`` to why the worker's process is gone)."""
+    seen = {id(error)}
+    while True:
+        nested = next((n for n in (getattr(error, "_base_exc", None), getattr(error, "cause", None),
+                                   getattr(error, "health_check_failure", None), error.__cause__)
+                       if isinstance(n, BaseException) and id(n) not in seen), None)
+        if nested is None:
+            return error
+        seen.add(id(nested))
+        error = nested
+
+
+def _process_died(error: BaseException) -> bool:
+    """Whether a worker's error says its process is gone (killed, crashed, its node lost) rather
+    than that its training function raised."""
+    from ray.exceptions import RayActorError
+
+    seen = set()
+    while isinstance(error, BaseException) and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RayActorError) or type(error).__name__ == "WorkerHealthCheckFailedError":
+            return True
+        error = next((n for n in (getattr(error, "_base_exc", None), getattr(error, "cause", None),
+                                  getattr(error, "health_check_failure", None), error.__cause__)
+                      if isinstance(n, BaseException)), None)
+    return False
+
+
+def describe_training_failure(error: BaseException) -> str:
+    """``training failed (rank 1: RuntimeError: boom)`` for the error ``TorchTrainer.fit`` raised
+    once no restarts were left (its workers' errors, where Ray gives them)."""
+    workers = getattr(error, "worker_failures", None)
+    if isinstance(workers, dict) and workers:
+        line = describe_worker_failure(workers, 0, -1)
+        return "training failed" + line[line.index(" ("):line.index("); ")] + ")"
+    root = _root_error(error)
+    text = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
+    return f"training failed ({type(root).__name__}: {text[:200]})"
+
+
+def describe_worker_failure(worker_exceptions: dict, failures: int, max_failures: int) -> str:
+    """The console line for the ``failures``-th worker group failure of a run allowed
+    ``max_failures`` restarts (-1: unlimited), e.g. ``apex-ray: worker group failed (rank 1:
+    RuntimeError: boom); restarting from the latest checkpoint, 1 of 2 restarts left``."""
+    parts = []
+    # The ranks whose process died first: when one dies, the others' collectives fail too (gloo /
+    # NCCL "connection closed by peer"), and those errors are a consequence, not the reason.
+    for rank, error in sorted(worker_exceptions.items(), key=lambda item: (not _process_died(item[1]), item[0])):
+        root = _root_error(error)
+        text = next((line.strip() for line in str(root).splitlines() if line.strip()), "").removesuffix(".")
+        text = text if len(text) <= 200 else text[:197] + "..."
+        parts.append(f"rank {rank}: {type(root).__name__}" + (f": {text}" if text else ""))
+    why = "; ".join(parts[:3]) + (f"; {len(parts) - 3} more" if len(parts) > 3 else "")
+    if max_failures == -1:
+        return f"apex-ray: worker group failed ({why}); restarting from the latest checkpoint (unlimited restarts)"
+    left = max_failures - failures
+    if left < 0:
+        return (f"apex-ray: worker group failed ({why}); no restarts left (distributed.max_failures="
+                f"{max_failures}), the run stops")
+    return (f"apex-ray: worker group failed ({why}); restarting from the latest checkpoint, {left} of "
+            f"{max_failures} restart{'s' if max_failures != 1 else ''} left")
+
+
+def _announce_restarts(queue, max_failures: int):
+    """A Ray Train callback (it runs in the controller) that tells the driver's console, through
+    the progress ``queue``, why the worker group failed and what happens next. It counts the
+    failures as Ray Train's default failure policy does (a preempted node is charged to its own
+    budget, so it is announced without using a restart); it never raises, which would turn a
+    retryable failure into a controller error."""
+    from ray.train import UserCallback
+
+    class AnnounceRestarts(UserCallback):
+        def __init__(self) -> None:
+            self.failures = 0
+
+        def after_exception(self, run_context, worker_exceptions):
+            try:
+                if _preempted(worker_exceptions):
+                    line = describe_worker_failure(worker_exceptions, 0, -1).replace(
+                        "worker group failed", "a node was preempted", 1)
+                else:
+                    self.failures += 1
+                    line = describe_worker_failure(worker_exceptions, self.failures, max_failures)
+                queue.actor.put_nowait.remote(line)  # not waited for: the controller's loop goes on
+            except Exception:  # noqa: BLE001 - a console line must not fail the run
+                pass
+
+    return AnnounceRestarts()
+
+
+def _preempted(worker_exceptions: dict) -> bool:
+    try:
+        from ray.train.v2._internal.execution.worker_group.poll import _is_preempted_actor
+    except ImportError:
+        return False
+    return any(_is_preempted_actor(error) for error in worker_exceptions.values())
 
 
 def _check_enough_rows(config: Config, prepared: str) -> None:
@@ -307,6 +586,8 @@ def _fit(config: Config, run_name: str, ray_storage: str, tracking_uri: str, log
     from apex_ray.orchestration.worker import train_worker
 
     prepared = _prepared_path(config)
+    if prepared is not None:
+        _log_dataset_input(logger, prepared)
     try:
         datasets = None if prepared is None else {"train": prepared_dataset(prepared)}
     except InputError as err:
@@ -333,7 +614,8 @@ def _fit(config: Config, run_name: str, ray_storage: str, tracking_uri: str, log
                 name=run_name, storage_path=ray_storage,
                 checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=config.distributed.max_failures),
-                callbacks=[_stop_on_input_error(), *(callbacks or [])],
+                callbacks=[_stop_on_input_error(), _announce_restarts(queue, config.distributed.max_failures),
+                           *(callbacks or [])],
             ),
         )
         print(f"apex-ray: run {run_name!r} | {config.world_size} x {config.distributed.strategy} worker(s) | "
@@ -357,12 +639,45 @@ def _fit(config: Config, run_name: str, ray_storage: str, tracking_uri: str, log
 
     checkpoint_path = storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path) if result.checkpoint else None
     export_path = None
+    aborted = bool(result.metrics and result.metrics.get("aborted"))
     if checkpoint_path and storage.exists(storage.join(checkpoint_path, "export")):
         export_path = storage.join(checkpoint_path, "export")
         with storage.local_copy(export_path) as local_export:
             logger.log_artifacts(str(local_export), "export")
+            _log_models(config, tracking_uri, logger, str(local_export), int((result.metrics or {}).get("step", 0)))
+    else:
+        print("apex-ray: no export in the last checkpoint (aborted or not finished), so no MLflow models logged",
+              flush=True)
     logger.set_tags({"checkpoint_path": str(checkpoint_path), "export_path": str(export_path)})
-    aborted = bool(result.metrics and result.metrics.get("aborted"))
     logger.finish("FAILED" if aborted else "FINISHED")
     return TrainResult(logger.run_id, tracking_uri, checkpoint_path, export_path, dict(result.metrics or {}),
                        ray_storage)
+
+
+def _log_dataset_input(logger: RunLogger, prepared: str) -> None:
+    """The prepared set as the run's dataset input (digest: its manifest's content hash)."""
+    from apex_ray.orchestration.mlflow_model import log_prepared_input
+
+    try:
+        log_prepared_input(logger.client, logger.run_id, prepared)
+    except Exception as err:  # the run trains without it
+        print(f"apex-ray: could not log the prepared set {prepared} as an MLflow dataset input ({err})", flush=True)
+
+
+def _log_models(config: Config, tracking_uri: str, logger: RunLogger, local_export: str, step: int) -> None:
+    """The exported EMA and student as MLflow logged models of the run (the EMA registered as
+    ``tracking.register_model`` when set)."""
+    from apex_ray.orchestration.mlflow_model import log_exported_models
+
+    try:
+        models = log_exported_models(tracking_uri, logger.run_id, local_export, config, step,
+                                     register_as=config.tracking.register_model)
+    except Exception as err:  # training finished and its weights are logged as files: the run stays FINISHED
+        print(f"apex-ray: could not log the exported weights as MLflow models ({type(err).__name__}: {err}); they "
+              "are in the run's export/ artifacts and the final checkpoint", flush=True)
+        return
+    if models:
+        named = ", ".join(f"{role} {model_id}" for role, model_id in models.items())
+        registered = f"; EMA registered as {config.tracking.register_model!r}" if config.tracking.register_model else ""
+        print(f"apex-ray: MLflow models {named} (load with mlflow.pyfunc.load_model('models:/<id>')){registered}",
+              flush=True)

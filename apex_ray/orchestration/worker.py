@@ -7,6 +7,7 @@ shard, checkpoints, reports), torch.distributed (metric means, gathers) and MLfl
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from apex_ray.common import storage
 from apex_ray.common.errors import InputError
 from apex_ray.common.seeds import derive_seed
-from apex_ray.config import Config
+from apex_ray.config import Config, read_prompt_file
 from apex_ray.engine.build import Training, backbone_config, build_training
 from apex_ray.engine.checkpointing import (
     AsyncCheckpointer,
@@ -29,6 +30,7 @@ from apex_ray.engine.checkpointing import (
     write_run_description,
 )
 from apex_ray.engine.collectives import all_reduce_mean
+from apex_ray.engine.diagnostics import evaluate_diagnostics
 from apex_ray.engine.evaluation import EvalPrompts, evaluate_during_training
 from apex_ray.engine.export import export_weights
 from apex_ray.engine.prepared import load_fake_buffer, read_manifest, to_training_batch
@@ -39,8 +41,10 @@ from apex_ray.models.codecs import load_codec
 from apex_ray.orchestration.background import BackgroundWriter
 from apex_ray.orchestration.tracking import RunLogger
 
-AVERAGED_METRICS = ("loss", "loss_path", "loss_adv", "loss_shift", "loss_endpoint")
-"""Metrics averaged over ranks before they are reported (the rest are rank 0's)."""
+AVERAGED_METRICS = ("loss", "loss_path", "loss_adv", "loss_shift", "loss_endpoint", "samples_per_s")
+"""Metrics averaged over ranks before they are reported (the rest are rank 0's). ``samples_per_s``
+is then made the global rate (the mean times the workers, as on the console); the mean is kept as
+``samples_per_s_per_worker``."""
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -51,6 +55,33 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL collectives (and gather_object) use the current device
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    monitor = _system_metrics(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    try:
+        _train_worker(config, loop_config, context, rank, world_size, device, logger)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _system_metrics(tracking_uri: str, run_id: str):
+    """MLflow's system metrics (CPU, memory, disk, network, GPUs) of rank 0's node every 10 s, as
+    ``system/*`` metrics of the run; None where they cannot be sampled (no psutil)."""
+    import os
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the monitor's own client logs here too
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 10)
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception:  # psutil missing: train without them
+        return None
+
+
+def _train_worker(config: Config, loop_config: dict[str, Any], context, rank: int, world_size: int, device,
+                  logger: RunLogger | None) -> None:
     progress = loop_config.get("progress_queue")
 
     # build
@@ -76,6 +107,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     else:
         stream = ShardStream(ray.train.get_dataset_shard("train"), config.micro_batch, stream_seed, to_training_batch)
     prompts = EvalPrompts(encoder.encode, config.eval.images_per_prompt, rank, world_size)
+    custom = (EvalPrompts(encoder.encode, config.eval.images_per_prompt, rank, world_size,
+                          captions=_user_prompts(config.eval.prompts)) if config.eval.prompts else None)
     decode = _decoder(manifest, device)
     del encoder  # captions are encoded; free the text encoder's memory for training
 
@@ -102,18 +135,23 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     logged_until = logger.last_logged_step() if logger is not None and source is not None else 0
     with BackgroundWriter() as writer:
         _train_loop(config, training, stream, prompts, decode, logger, progress, writer, rank, world_size, taken,
-                    logged_until)
+                    logged_until, custom=custom, at_start=source is None and config.eval.at_start)
 
 
 def _train_loop(config: Config, training: Training, stream, prompts: EvalPrompts, decode, logger: RunLogger | None,
                 progress, writer: BackgroundWriter, rank: int, world_size: int, taken: set[str],
-                logged_until: int = 0) -> None:
+                logged_until: int = 0, custom: EvalPrompts | None = None, at_start: bool = False) -> None:
     """Steps until ``train.steps``. Only log steps wait for the device (metrics read in one
     transfer, averaged over ranks); MLflow and progress lines go through ``writer``; Ray Train
     hears of the run at checkpoints, evaluations and every ``train.report_interval_s`` (decided
-    from the rank-averaged clock, so every rank reports at the same steps, as Ray Train needs)."""
+    from the rank-averaged clock, so every rank reports at the same steps, as Ray Train needs).
+    With ``at_start`` (a fresh run) the starting weights are evaluated first, logged at step 0
+    (MLflow only: Ray Train and Tune hear of evaluations of trained steps)."""
     runner, schedule = training.runner, config.train
     checkpointer = AsyncCheckpointer()
+    log_captions = _captions_logger(logger, writer) if logger is not None else None
+    if at_start:  # before the clock starts: the progress line's rate and ETA are of training steps
+        _evaluate_at_start(config, training, prompts, custom, decode, logger, progress, writer, rank, log_captions)
     started, start_step = time.perf_counter(), runner.step
     last_report = started
     log_image = None
@@ -142,11 +180,17 @@ def _train_loop(config: Config, training: Training, stream, prompts: EvalPrompts
         averaged["_since_report"] = now - last_report  # the same mean on every rank: one report decision
         averaged = all_reduce_mean(averaged)
         since_report = averaged.pop("_since_report")
+        if "samples_per_s" in averaged:  # every worker's rate over the same interval: the global rate
+            averaged["samples_per_s_per_worker"] = averaged["samples_per_s"]
+            averaged["samples_per_s"] *= world_size
         metrics.update(averaged)
         if not aborted and eval_due:
             metrics.update(evaluate_during_training(
                 training.ema, prompts, config.eval.score_nfe, config.eval.grid_nfe, config.eval.grid_size,
-                training.latent_shape, runner.device, decode, log_image, step))
+                training.latent_shape, runner.device, decode, log_image, step, custom=custom,
+                log_captions=log_captions))
+            # diag/*: branch separation on this step's first micro-batch (every rank; no-op if eval.diagnostics=false)
+            metrics.update(evaluate_diagnostics(training, batches[0], decode, rank))
         metrics["step"] = step
         if logger is not None:
             if step > logged_until:
@@ -165,6 +209,56 @@ def _train_loop(config: Config, training: Training, stream, prompts: EvalPrompts
         if aborted:
             break
     checkpointer.wait()
+
+
+def _user_prompts(location: str) -> list[str]:
+    """The ``eval.prompts`` file, read where the worker runs (a shared mount or a URI on a
+    cluster); a missing or empty file is an :class:`InputError`: a restart would fail the same way."""
+    try:
+        return read_prompt_file(location)
+    except ValueError as err:
+        raise InputError(f"{err}; on a cluster, put it on a shared mount or in object storage (s3://...)") from None
+
+
+def _captions_logger(logger: RunLogger, writer: BackgroundWriter):
+    """``log_captions(key, captions, columns)`` for :func:`evaluate_during_training`: the captions of
+    grid ``key`` in grid order (row by row) as ``captions/<key>.json``, once per attempt (they are
+    the same at every evaluation: fixed prompts and picks)."""
+    written: set[str] = set()
+
+    def log_captions(key: str, captions: list[str], columns: int) -> None:
+        if key not in written:
+            written.add(key)
+            text = json.dumps({"key": key, "columns": columns, "captions": captions}, indent=1)
+            writer.submit(logger.log_text, text, f"captions/{key.replace('/', '_')}.json")
+
+    return log_captions
+
+
+def _evaluate_at_start(config: Config, training: Training, prompts: EvalPrompts, custom: EvalPrompts | None,
+                       decode, logger: RunLogger | None, progress, writer: BackgroundWriter, rank: int,
+                       log_captions=None) -> None:
+    """ShapeEval and sample grids of the starting weights (the EMA is them before step 1), at step 0:
+    every rank generates its share, rank 0 logs (metrics, grids, a progress line)."""
+    if not (config.eval.score_nfe or config.eval.grid_nfe):
+        return
+    first = f"shapeeval_nfe{config.eval.score_nfe[0]}/overall" if config.eval.score_nfe else None
+    if logger is not None and first and logger.client.get_metric_history(logger.run_id, first):
+        logger = None  # an attempt restarted before its first checkpoint: step 0 is logged already
+    log_image = None
+    if logger is not None:
+        def log_image(image, key: str, at: int) -> None:
+            writer.submit(logger.log_image, image, key, at)
+    metrics = evaluate_during_training(
+        training.ema, prompts, config.eval.score_nfe, config.eval.grid_nfe, config.eval.grid_size,
+        training.latent_shape, training.runner.device, decode, log_image, 0, custom=custom,
+        log_captions=log_captions if logger is not None else None)
+    if logger is not None and metrics:
+        writer.submit(logger.log_metrics, metrics, 0, int(time.time() * 1000))
+    scores = [f"nfe{k.split('nfe')[1].split('/')[0]} {v:.3f}" for k, v in metrics.items()
+              if k.startswith("shapeeval") and k.endswith("/overall")]
+    if scores:
+        writer.submit(_say, progress, rank, "step 0 (starting weights) | ShapeEval " + ", ".join(scores))
 
 
 def _resume_point(config: Config, run_folder: str | None, taken: set[str], ray_has_one: bool, progress,
