@@ -111,7 +111,7 @@ def train(uri: str, work: Path) -> None:
 
 
 class Page:
-    """One Chromium tab over the DevTools protocol (``Page``, ``Runtime``, ``Emulation``)."""
+    """One Chromium tab over the DevTools protocol (``Page``, ``Runtime``, ``Input``, ``Emulation``)."""
 
     def __init__(self, socket_) -> None:
         self.socket = socket_
@@ -129,41 +129,73 @@ class Page:
 
     async def evaluate(self, expression: str):
         result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page script failed: {result['exceptionDetails'].get('exception', {}).get('description')}")
         return result["result"].get("value")
 
-    async def open(self, url: str, *expect: str, timeout: float = 60, settle: float = 2.0) -> None:
-        """Navigate to ``url`` and wait until the page's text holds every string of ``expect``, no
-        loading spinner is left, and then ``settle`` seconds more (charts draw after their data)."""
+    async def size(self, width: int, height: int) -> None:
+        await self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                        mobile=False)
+
+    async def open(self, url: str, *expect: str, timeout: float = 120, settle: float = 3.0) -> None:
+        """Navigate to ``url`` and wait until the page's text holds every string of ``expect``,
+        then ``settle`` seconds more (charts draw after their data arrives). Each page is a fresh
+        load of the app: a hash route followed inside the app keeps the previous page's state."""
+        await self.call("Page.navigate", url="about:blank")
         await self.call("Page.navigate", url=url)
         await self.wait_for_text(*expect, timeout=timeout)
         await asyncio.sleep(settle)
 
-    async def wait_for_text(self, *expect: str, timeout: float = 60) -> None:
+    async def wait_until(self, expression: str, what: str, timeout: float = 120) -> None:
         deadline = time.time() + timeout
-        check = ("(() => { const t = document.body ? document.body.innerText : '';"
-                 f" const want = {json.dumps(list(expect))};"
-                 " const spinning = document.querySelector('[role=progressbar], .du-bois-light-spin, [data-testid=spinner]');"
-                 " return want.every(w => t.includes(w)) && !spinning; })()")
-        while not await self.evaluate(check):
+        while not await self.evaluate(expression):
             if time.time() > deadline:
                 text = await self.evaluate("document.body ? document.body.innerText.slice(0, 400) : ''")
-                raise RuntimeError(f"page did not show {expect} in {timeout:.0f} s; it shows: {text!r}")
+                raise RuntimeError(f"the page did not show {what} in {timeout:.0f} s; it shows: {text!r}")
             await asyncio.sleep(0.5)
 
-    async def click_text(self, text: str, selector: str = "a, button, span, div, [role=button]") -> None:
-        """Click the innermost element matching ``selector`` whose own text is ``text``."""
+    async def wait_for_text(self, *expect: str, timeout: float = 120) -> None:
+        await self.wait_until(f"(() => {{ const t = document.body ? document.body.innerText : '';"
+                              f" return {json.dumps(list(expect))}.every(w => t.includes(w)); }})()",
+                              " and ".join(map(repr, expect)), timeout)
+
+    async def click(self, selector: str, containing: str = "") -> None:
+        """Click the last (innermost) element matching ``selector`` whose text holds ``containing``."""
         found = await self.evaluate(
-            f"(() => {{ const want = {json.dumps(text)};"
-            f" const hits = [...document.querySelectorAll({json.dumps(selector)})]"
-            "   .filter(e => e.innerText && e.innerText.trim() === want);"
+            f"(() => {{ const hits = [...document.querySelectorAll({json.dumps(selector)})]"
+            f"  .filter(e => (e.innerText || '').includes({json.dumps(containing)}));"
             " if (!hits.length) return false; hits[hits.length - 1].click(); return true; })()")
         if not found:
-            raise RuntimeError(f"nothing to click with the text {text!r}")
+            raise RuntimeError(f"nothing to click: {selector} holding {containing!r}")
+
+    async def type_into(self, selector: str, text: str, index: int = 0, enter: bool = False) -> None:
+        """Replace the value of the ``index``-th ``selector`` input by typing ``text`` (React sees real input events)."""
+        await self.evaluate(f"(() => {{ const e = document.querySelectorAll({json.dumps(selector)})[{index}];"
+                            " e.focus(); e.select(); })()")
+        await self.call("Input.insertText", text=text)
+        if enter:
+            for kind in ("keyDown", "keyUp"):
+                await self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
 
     async def screenshot(self, file: Path) -> None:
         shot = await self.call("Page.captureScreenshot", format="png")
         save_small_png(base64.b64decode(shot["data"]), file)
         print(f"wrote {file} ({file.stat().st_size // 1024} KB)", flush=True)
+
+
+UI_SETTINGS = """try {
+  localStorage.setItem('mlflow.workflowType_v1', JSON.stringify('machine_learning'));
+  localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
+  localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
+  Object.keys(localStorage).filter(k => k.startsWith('MLflowLocalStorage')).forEach(k => localStorage.removeItem(k));
+} catch (e) {}"""
+"""Run before each page's own scripts: the sidebar's "Model training" mode (the UI opens in
+"GenAI" mode), and the MLflow Assistant side panel closed (it opens on a first visit and would take
+a third of every shot). The same choices a user makes with two clicks; they persist in the browser.
+The pages' own saved view state (a chart search, ...) is dropped, so that each shot starts from the
+default view."""
+
+IMAGES_LOADED = "document.images.length > 0 && [...document.images].every(i => i.complete && i.naturalWidth > 0)"
 
 
 def save_small_png(data: bytes, file: Path) -> None:
@@ -200,52 +232,78 @@ async def take_screenshots(devtools: str, ui: str, ids: dict, out: Path, width: 
         async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
             page = Page(ws)
             await page.call("Page.enable")
-            await page.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                            mobile=False)
-            run = f"{ui}/#/experiments/{ids['experiment_id']}/runs/{ids['run_id']}"
+            await page.call("Page.addScriptToEvaluateOnNewDocument", source=UI_SETTINGS)
+            experiment = f"{ui}/#/experiments/{ids['experiment_id']}"
+            run = f"{experiment}/runs/{ids['run_id']}"
 
-            async def shot(name: str, url: str, *expect: str, then=None) -> None:
-                await page.open(url, *expect)
-                if then is not None:
-                    await then()
+            async def shot(name: str) -> None:
                 file = out / f"mlflow_{name}.png"
                 await page.screenshot(file)
                 written.append(file)
 
-            await shot("run_overview", run, ids["run_name"], "Description", "Datasets", "Logged models")
-            await shot("model_metrics", f"{run}/model-metrics", "loss", "shapeeval_nfe1/overall")
-            await shot("images", f"{run}/model-metrics", "samples/nfe1", then=lambda: _scroll_to(page, "samples/nfe1"))
-            await shot("system_metrics", f"{run}/system-metrics", "cpu_utilization_percentage")
-            await shot("logged_models", f"{ui}/#/experiments/{ids['experiment_id']}/models", "ema", "student")
-            await shot("logged_model_ema", f"{ui}/#/experiments/{ids['experiment_id']}/models/{ids['ema']}",
-                       "ema", "Metrics")
-
-            async def open_dataset() -> None:
-                await page.click_text(ids["dataset"])
-                await page.wait_for_text("Digest" if True else "", ids["digest"])
-                await asyncio.sleep(1.5)
-
-            await shot("dataset", run, ids["run_name"], ids["dataset"], then=open_dataset)
-            await shot("artifacts", f"{run}/artifacts", "config.yaml",
-                       then=lambda: _click_then_wait(page, "config.yaml", "objective"))
+            # The run page: description, datasets, tags, registered model, logged models, metrics.
+            await page.size(width, int(height * 2))  # the page down to its logged models
+            await page.open(run, ids["run_name"], "Description", "Datasets", ids["dataset"])
+            await shot("run_overview")
+            await page.size(width, height)
+            # The prepared set's drawer: digest, source, profile.
+            await page.click("span, a, div, button", ids["dataset"] + " (")
+            await page.wait_for_text("Source")
+            await asyncio.sleep(2)
+            await shot("dataset")
+            # Model metrics: the loss parts, filtered with the tab's search box.
+            search = "input[placeholder='Search metric charts']"
+            await page.open(f"{run}/model-metrics", "Auto-refresh")
+            await page.type_into(search, "loss")
+            await page.wait_for_text("loss_adv")
+            await scroll_to_text(page, "Model metrics")  # past the image cards, which the search keeps
+            await asyncio.sleep(3)
+            await shot("model_metrics")
+            # The sample grids at the last evaluation (each card's step box), scrolled past the run's
+            # parameters the image cards list above the picture.
+            await page.open(f"{run}/model-metrics", "Auto-refresh")
+            await page.type_into(search, "samples/")  # the charts below the fold are not drawn until scrolled to
+            await page.wait_until(IMAGES_LOADED, "the sample images")
+            cards = await page.evaluate("document.querySelectorAll('input[type=number]').length")
+            for index in range(cards):
+                await page.type_into("input[type=number]", str(ids["last_step"]), index, enter=True)
+                await asyncio.sleep(2)
+            await page.evaluate("document.activeElement && document.activeElement.blur()")
+            await page.wait_until(IMAGES_LOADED + f" && [...document.images].every(i => i.src.includes('step%2B{ids['last_step']}%2B'))",
+                                  f"the step-{ids['last_step']} images")
+            await page.evaluate("[...document.images].forEach(i => i.scrollIntoView({block: 'center'}));"
+                                " document.images[0].scrollIntoView({block: 'center'})")
+            await asyncio.sleep(2)
+            await shot("images")
+            await page.open(f"{run}/system-metrics", "cpu_utilization_percentage")
+            await scroll_to_text(page, "System metrics")  # the tab lists the image cards first too
+            await asyncio.sleep(2)
+            await shot("system_metrics")
+            await page.open(f"{experiment}/models", "ema", "student")
+            await shot("logged_models")
+            await page.open(f"{experiment}/models/{ids['ema']}", "ema", ids["run_name"])
+            await shot("logged_model")
+            await page.open(f"{experiment}/models/{ids['ema']}/artifacts", "README.md")
+            await page.click("span, div, a", "README.md")
+            await page.wait_for_text("mlflow.pyfunc.load_model")
+            await asyncio.sleep(2)
+            await shot("model_card")
+            await page.open(f"{run}/artifacts", "config.yaml")
+            await page.click("span, div, a", "config.yaml")
+            await page.wait_for_text("objective:", "tracking:")
+            await asyncio.sleep(2)
+            await shot("artifacts")
             if ids.get("registered"):
-                await shot("registered_model", f"{ui}/#/models/{urllib.parse.quote(ids['registered'])}",
-                           ids["registered"], "Version 1")
+                await page.open(f"{ui}/#/models/{urllib.parse.quote(ids['registered'])}", ids["registered"], "Version 1")
+                await shot("registered_model")
     return written
 
 
-async def _scroll_to(page: Page, text: str) -> None:
-    await page.evaluate(
-        f"(() => {{ const want = {json.dumps(text)};"
-        " const hit = [...document.querySelectorAll('*')].reverse().find(e => e.innerText && e.innerText.trim() === want);"
-        " if (hit) hit.scrollIntoView({block: 'start'}); })()")
-    await asyncio.sleep(2)  # the image chart loads its files once it is in view
-
-
-async def _click_then_wait(page: Page, text: str, *expect: str) -> None:
-    await page.click_text(text)
-    await page.wait_for_text(*expect)
-    await asyncio.sleep(1)
+async def scroll_to_text(page: Page, text: str) -> None:
+    """Scroll the innermost element whose text starts with ``text`` to the top of its scroll area."""
+    await page.evaluate(f"(() => {{ const hit = [...document.querySelectorAll('*')].reverse()"
+                        f"  .find(e => (e.innerText || '').trim().startsWith({json.dumps(text)}));"
+                        " if (hit) hit.scrollIntoView({block: 'start'}); })()")
 
 
 def run_ids(ui: str, run_id: str | None, experiment: str) -> dict:
@@ -267,11 +325,13 @@ def run_ids(ui: str, run_id: str | None, experiment: str) -> dict:
     if "ema" not in by_name or not inputs:
         raise SystemExit(f"run {run_id} has no EMA logged model or no dataset input: these screenshots need a run "
                          "of apex-ray with MLflow logged models (--train makes one)")
+    history = rest(ui, "metrics/get-history?" + urllib.parse.urlencode({"run_id": run_id, "metric_key": "loss"}))
+    last_step = max(m["step"] for m in history["metrics"])
     versions = rest(ui, "model-versions/search?" + urllib.parse.urlencode({"filter": f"run_id = '{run_id}'"}))
     versions = versions.get("model_versions", [])
     return {"experiment_id": found["experiment_id"], "run_id": run_id, "run_name": run["info"]["run_name"],
-            "ema": by_name["ema"], "dataset": inputs[0]["dataset"]["name"], "digest": inputs[0]["dataset"]["digest"],
-            "registered": versions[0]["name"] if versions else None}
+            "ema": by_name["ema"], "dataset": inputs[0]["dataset"]["name"],
+            "registered": versions[0]["name"] if versions else None, "last_step": last_step}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--backend-store-uri", help="an existing store, e.g. sqlite:///runs/apex/mlflow.db")
     parser.add_argument("--run-id", help="default: the experiment's latest finished run")
     parser.add_argument("--experiment", default=EXPERIMENT)
-    parser.add_argument("--work-dir", type=Path, help="--train: where the store and run go (default: a temp dir)")
+    parser.add_argument("--work-dir", type=Path, help="where the server's log (and with --train its store and the run) "
+                        "go; default: a new temp dir")
+    parser.add_argument("--artifacts-destination", type=Path, help="the server's proxied artifact root (default: "
+                        "<work-dir>/server-artifacts); a store written through an earlier `mlflow server` needs its own")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--chromium", default=os.environ.get("CHROMIUM") or shutil.which("chromium") or "chromium")
     parser.add_argument("--width", type=int, default=1600)
@@ -292,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{work / 'server.db'}" if args.train else args.backend_store_uri
-    ui, server = mlflow_server(store, work / "server-artifacts", work / "server.log")
+    if args.train and (work / "run").exists():
+        raise SystemExit(f"{work / 'run'} exists: --train needs a fresh --work-dir (the run name would resume)")
+    ui, server = mlflow_server(store, args.artifacts_destination or work / "server-artifacts", work / "server.log")
     with server:
         print(f"MLflow UI at {ui} over {store}", flush=True)
         if args.train:
