@@ -17,11 +17,11 @@ import torch
 from apex_ray.config import Config
 from apex_ray.engine.checkpointing import LoRATrainingState, TrainingState
 from apex_ray.engine.parallel import apply_fsdp, gradient_sync, mixed_precision_dtype, parallelize, unwrap
-from apex_ray.engine.reference import AdapterOff, FrozenCopy, keeps_frozen_reference
+from apex_ray.engine.reference import AdapterOff, FrozenCopy, copy_weights, keeps_frozen_reference
 from apex_ray.engine.step import StepRunner, build_lr_scheduler, build_objective, build_optimizer
 from apex_ray.method.ema import EMA
 from apex_ray.models import VelocityModel, build_backbone, get_backbone_preset
-from apex_ray.models.loading import empty_weights, fill_, local, materialize
+from apex_ray.models.loading import empty_weights, fill_, materialize
 from apex_ray.models.lora import AdapterEMA, LoRASummary, adapter_of, apply_lora, cast_base, initialize_adapters
 from apex_ray.models.presets import backbone_skeleton, pretrained_weights
 
@@ -170,12 +170,7 @@ def load_weights(config: Config, backbone: VelocityModel, ema: EMA | AdapterEMA,
     if config.model.lora.enabled:
         initialize_adapters(backbone, config.train.seed)
     else:
-        copies = dict(backbone.named_parameters())
-        for name, param in ema.module.named_parameters():
-            local(param).copy_(local(copies[name]))
-        buffers = dict(backbone.named_buffers())
-        for name, buffer in ema.module.named_buffers():
-            buffer.copy_(buffers[name])
+        copy_weights(ema.module, backbone)
 
 
 def _checkpoint_key(name: str) -> str:

@@ -52,12 +52,7 @@ class FrozenCopy(torch.nn.Module):
     @torch.no_grad()
     def copy_from(self, model: torch.nn.Module) -> None:
         """Copy ``model``'s parameters and buffers (local shards under FSDP2: both sharded alike)."""
-        params = dict(model.named_parameters())
-        for name, param in self.module.named_parameters():
-            local(param).copy_(local(params[name]))
-        buffers = dict(model.named_buffers())
-        for name, buffer in self.module.named_buffers():
-            buffer.copy_(buffers[name])
+        copy_weights(self.module, model)
 
     @torch.no_grad()
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -93,3 +88,15 @@ class AdapterOff:
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         with self.active():
             return self.model(x_t, t, cond)
+
+
+@torch.no_grad()
+def copy_weights(target: torch.nn.Module, source: torch.nn.Module) -> None:
+    """``source``'s parameters and buffers into ``target`` of the same structure (local shards
+    under FSDP2: both sharded alike)."""
+    params = dict(source.named_parameters())
+    for name, param in target.named_parameters():
+        local(param).copy_(local(params[name]))
+    buffers = dict(source.named_buffers())
+    for name, buffer in target.named_buffers():
+        buffer.copy_(buffers[name])
