@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from apex_ray.method.consistency import ConsistencyConfig
 from apex_ray.method.objective import APEXConfig, FlowMatchingConfig
 from apex_ray.models.lora import LoRAConfig
 
@@ -50,13 +51,22 @@ class DataConfig(_Section):
 
 
 class ObjectiveConfig(_Section):
-    kind: Literal["apex", "flow_matching"] = "apex"
+    # consistency: the one-step peer, discrete consistency distillation from the frozen starting model
+    # (apex_ray.method.consistency); its target network is the run's EMA (ema.decay, left as is).
+    kind: Literal["apex", "flow_matching", "consistency"] = "apex"
     apex: APEXConfig = Field(default_factory=APEXConfig)
     flow_matching: FlowMatchingConfig = Field(default_factory=FlowMatchingConfig)
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
     buffer_size: int = Field(1024, gt=0)  # per-worker FIFO of one-step generations
     # A fake-sample buffer made by `python -m data_pipelines.fake_buffer`: seeds every worker's FIFO
     # before step 1, so L_adv has fake data from the first step.
     seed_buffer: str | None = None
+
+    @property
+    def method(self) -> str:
+        """What the objective trains, in words (run descriptions, model cards)."""
+        return {"apex": "APEX one-step fine-tune", "flow_matching": "flow-matching training",
+                "consistency": "consistency distillation (one-step peer)"}[self.kind]
 
 
 class OptimConfig(_Section):
@@ -125,7 +135,7 @@ class EvalConfig(_Section):
     # Also diag/cos_delta_frozen and diag/plain_drift_rms, against the frozen starting model. Under LoRA
     # that is the base with the adapter off (free); a full fine-tune keeps a no-grad copy of the starting
     # weights, sharded like the model (one more fp32 model over the ranks, like the EMA; the memory plan
-    # counts it). false: no copy (unless objective.apex.shift_reference=frozen needs it) and those two
+    # counts it). false: no copy (unless shift_reference=frozen or kind=consistency needs it) and those two
     # metrics are absent.
     diagnostics_frozen: bool = True
     # A text file of prompts, one per non-empty line: at each evaluation images_per_prompt images of

@@ -1,10 +1,14 @@
-"""The paper's Table 1 in miniature: ShapeEval per task, latency and throughput, teacher vs APEX.
+"""The paper's Table 1 in miniature: ShapeEval per task, latency and throughput, teacher vs APEX
+(vs a one-step peer).
 
     python bench/table1.py --teacher apex_ray/assets/shapes_teacher --apex runs/apex-ft/.../export/ema \
-        [--images-per-prompt 4] [--out docs/table1.md] [--grids docs/images]
+        [--peer runs/cd-ft/.../export/ema] [--images-per-prompt 4] [--out docs/table1.md] [--grids docs/images]
 
-Rows: the teacher (flow matching) at NFE 1, 2, 4, 50 and APEX at NFE 1, 2, 4, each with the
-sampler setting given by ``--teacher-sampler`` / default first-order steps. Same prompts and seeds
+Rows: the teacher (flow matching) at NFE 1, 2, 4, 50, APEX at NFE 1, 2, 4 and, with ``--peer``, the
+consistency-distillation peer (``objective.kind=consistency``, same harness) at NFE 1, 2, 4, each
+with the sampler setting given by ``--teacher-sampler`` / ``--apex-sampler`` / ``--peer-sampler``,
+default first-order steps (the peer's multi-step rows use the same flow sampler as APEX's, not
+CM's re-noising multistep sampler). Same prompts and seeds
 for every row (ShapeEval's fixed list). Latency is one image (batch 1) through the sampler,
 median of ``--repeats`` runs after warm-up; throughput is images/s at batch 10. Text embeddings
 are computed once beforehand and not timed (training never runs the encoder either).
@@ -84,6 +88,10 @@ def main() -> None:
     parser.add_argument("--apex-nfe", default="1,2,4")
     parser.add_argument("--teacher-sampler", help='JSON sampler options for the teacher, e.g. {"order": 2}')
     parser.add_argument("--apex-sampler", help="JSON sampler options for APEX")
+    parser.add_argument("--peer", help="exported consistency-distillation peer folder (objective.kind=consistency, "
+                                       "its export/ema), scored like --apex")
+    parser.add_argument("--peer-nfe", default="1,2,4")
+    parser.add_argument("--peer-sampler", help="JSON sampler options for the peer")
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -97,6 +105,8 @@ def main() -> None:
     runs = [("Teacher (FM)", args.teacher, args.teacher_nfe, args.teacher_sampler)]
     if args.apex:
         runs.append(("APEX", args.apex, args.apex_nfe, args.apex_sampler))
+    if args.peer:
+        runs.append(("CD peer", args.peer, args.peer_nfe, args.peer_sampler))
     for name, path, nfes, sampler_json in runs:
         model = load_backbone(path).eval()
         for nfe in (int(n) for n in nfes.split(",")):

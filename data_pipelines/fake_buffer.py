@@ -45,7 +45,7 @@ from apex_ray.method.sampler import SamplerConfig, sample
 from apex_ray.models import load_backbone
 from apex_ray.models.base import read_backbone_file
 from data_pipelines.config import FakeBufferConfig, load_fake_buffer_config
-from data_pipelines.output import WRITE_TASK_CPUS, OutputError, StagedOutput, refuse_overlap
+from data_pipelines.output import WRITE_TASK_CPUS, OutputError, StagedOutput, content_hash, refuse_overlap
 from data_pipelines.readers import READ_TASK_CPUS, InputError
 from data_pipelines.resources import io_tasks
 
@@ -143,6 +143,7 @@ def make_fake_buffer(config: FakeBufferConfig) -> dict:
             "seed": config.seed,
             "source": {"path": os.path.abspath(config.latents), "config_hash": source["config_hash"]},
             "shards": shards,
+            "content_hash": content_hash(shards),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         manifest = out.finish(manifest)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -249,6 +250,15 @@ def read_marker(staging: Path) -> dict[str, Any] | None:
     return marker
 
 
+def content_hash(shards: list[dict[str, Any]]) -> str | None:
+    """The set's content digest: SHA-256 over its shards' own digests, sorted (which task wrote
+    which shard does not change it). ``None`` when a shard has no digest."""
+    digests = [shard.get("sha256") for shard in shards]
+    if not digests or None in digests:
+        return None
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+
+
 def set_entries(manifest: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The entries (besides ``manifest.json``) of the complete set this manifest describes, or
     None if no job of this tool wrote it."""
@@ -314,7 +324,7 @@ class StagedOutput:
 
     def stage_shards(self, results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Path]]:
         """Move the written shards into the new set's ``shards/`` as ``shard-00000.parquet``...;
-        returns the manifest's shard list and the staged reject files."""
+        returns the manifest's shard list (file, rows, sha256) and the staged reject files."""
         shard_dir = self.new / SHARDS
         shard_dir.mkdir(exist_ok=True)
         shards, rejects = [], []
@@ -322,7 +332,7 @@ class StagedOutput:
             for staged, rows in result[SHARDS]:
                 name = f"shard-{len(shards):05d}.parquet"
                 os.replace(self.staging / PARTS / SHARDS / staged, shard_dir / name)
-                shards.append({"file": f"{SHARDS}/{name}", "rows": rows})
+                shards.append({"file": f"{SHARDS}/{name}", "rows": rows, "sha256": result.get("sha256", {}).get(staged)})
             rejects += [self.staging / PARTS / REJECT_PARTS / staged for staged, _ in result[REJECT_PARTS]]
         return shards, rejects
 

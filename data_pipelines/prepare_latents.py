@@ -49,6 +49,7 @@ from data_pipelines.output import (
     WRITE_TASK_CPUS,
     OutputError,
     StagedOutput,
+    content_hash,
     refuse_overlap,
 )
 from data_pipelines.readers import InputError, InputPlan, plan_input, read_input
@@ -227,6 +228,7 @@ def build_manifest(config: PrepareConfig, plan: InputPlan, shards: list[dict], r
         "backbone": config.backbone,
         "input": {"path": config.input.path, "format": plan.format},
         "config_hash": config.content_hash(),
+        "content_hash": content_hash(shards),
         "config": config.model_dump(mode="json"),
         "shards": shards,
         "rejects": REJECTS,

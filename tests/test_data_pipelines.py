@@ -2,6 +2,7 @@
 the image-folder input, a VAE round trip through the actor pool, and the fake-sample buffer."""
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from pathlib import Path
@@ -41,7 +42,7 @@ from data_pipelines.decode import (
     UNDECODABLE_IMAGE,
 )
 from data_pipelines.fake_buffer import FakeSampler, make_fake_buffer
-from data_pipelines.output import OutputError, StagedOutput
+from data_pipelines.output import OutputError, StagedOutput, content_hash
 from data_pipelines.prepare_latents import main as prepare_main
 from data_pipelines.prepare_latents import prepare
 from data_pipelines.readers import InputError
@@ -131,6 +132,12 @@ def test_bad_rows_are_rejected_with_reasons_and_counts_add_up(prepared, raw_shap
     assert manifest["text_shape"] == [32, 384] and manifest["text_dtype"] == "float16"
     assert manifest["codec"]["name"] == "pixel" and manifest["text_encoder"]["preset"] == "minilm"
     assert len(manifest["config_hash"]) == 16
+    # Each shard's digest is of its bytes as committed; the set's content hash is made of them.
+    for shard in manifest["shards"]:
+        assert shard["sha256"] == hashlib.sha256((output / shard["file"]).read_bytes()).hexdigest()
+    assert manifest["content_hash"] == content_hash(manifest["shards"]) and len(manifest["content_hash"]) == 64
+    assert content_hash(list(reversed(manifest["shards"]))) == manifest["content_hash"]
+    assert content_hash([*manifest["shards"][:-1], {**manifest["shards"][-1], "sha256": "0" * 64}]) != manifest["content_hash"]
 
 
 def test_shards_hold_the_right_pixels_and_text_embeddings(prepared, raw_shapeeval, minilm):

@@ -73,4 +73,5 @@ def test_ray_job_submit_trains_tracks_checkpoints_and_exports(ray_head, tmp_path
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
     assert client.get_metric_history(run.info.run_id, "shapeeval_nfe1/overall")
-    assert client.list_artifacts(run.info.run_id, "export/ema")
+    logged = client.search_logged_models([experiment.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert {m.name for m in logged} == {"ema", "student"}

@@ -68,7 +68,7 @@ def test_a_run_shows_models_dataset_images_system_metrics_and_registry(fast_syst
 
         manifest = read_manifest(_prepared_path(config))
         [dataset_input] = found["inputs"]["dataset_inputs"]
-        assert dataset_input["dataset"]["digest"] == manifest["config_hash"]
+        assert dataset_input["dataset"]["digest"] == manifest["content_hash"][:36]
         assert dataset_input["dataset"]["source"] and dataset_input["dataset"]["name"]
 
         # The EMA and the student: logged models of this run, tagged with role and step.
@@ -91,7 +91,8 @@ def test_a_run_shows_models_dataset_images_system_metrics_and_registry(fast_syst
         images = [f["path"] for f in get(uri, "artifacts/list", run_id=result.run_id, path="images").get("files", [])]
         assert any("samples~nfe1" in path and path.endswith(".png") for path in images), images
         root = [f["path"] for f in get(uri, "artifacts/list", run_id=result.run_id)["files"]]
-        assert "config.yaml" in root and "export" in root
+        # The weights are uploaded once, inside the models (no copy as the run's export/ artifacts).
+        assert "config.yaml" in root and "export" not in root, root
 
         # The EMA in the registry, pointing at its logged model.
         registered = get(uri, "registered-models/get", name="apex-ema")["registered_model"]
@@ -104,7 +105,18 @@ def test_a_run_shows_models_dataset_images_system_metrics_and_registry(fast_syst
         try:
             model = mlflow.pyfunc.load_model(f"models:/{mine['ema']['model_id']}")
             [image] = model.predict(pd.DataFrame({"prompt": ["a red circle"]}), params={"nfe": 1, "seed": 0})
+            download = tmp_path / "ema-model"  # the model card's download command
+            mlflow.artifacts.download_artifacts(f"models:/{mine['ema']['model_id']}", dst_path=str(download))
         finally:
             mlflow.set_tracking_uri(previous)
         assert image.dtype.name == "uint8" and image.shape == (config.data.image_size, config.data.image_size, 3)
         assert image.std() > 0
+
+        # Logged from code, not pickled; the model card's download command gives apex-ray's folder.
+        assert (download / "mlflow_model_code.py").is_file() and not list(download.rglob("*.pkl"))
+        card = (download / "README.md").read_text()
+        assert 'mlflow artifacts download --artifact-uri "models:/<model_id>" --dst-path ema-model' in card
+        assert "--checkpoint ema-model/artifacts/ema" in card
+        from apex_ray.models import load_backbone
+
+        assert sum(p.numel() for p in load_backbone(download / "artifacts" / "ema").parameters()) > 1e6

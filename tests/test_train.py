@@ -94,7 +94,11 @@ def test_two_worker_fsdp_run_tracks_everything_in_mlflow(ray_cluster, tmp_path):
     assert run_info.data.tags["mlflow.user"] and run_info.data.tags["mlflow.source.type"] == "LOCAL"
     config_file = Path(client.download_artifacts(result.run_id, "config.yaml", str(tmp_path / "dl")))
     assert load_config(config_file, []).objective.apex.shift_a == config.objective.apex.shift_a
-    assert client.list_artifacts(result.run_id, "export/ema")
+    # The exported weights as logged models of the run (uploaded once: no export/ artifacts copy).
+    logged = client.search_logged_models([run_info.info.experiment_id],
+                                         filter_string=f"source_run_id = '{result.run_id}'")
+    assert {m.name for m in logged} == {"ema", "student"}
+    assert not client.list_artifacts(result.run_id, "export")
     # The exported EMA loads back as a model and runs.
     model = load_backbone(Path(result.export_path) / "ema")
     assert sum(p.numel() for p in model.parameters()) > 1e6
@@ -226,6 +230,13 @@ def test_lora_run_trains_adapters_exports_and_resumes(ray_cluster, tmp_path):
     for which in ("ema", "student"):
         assert (export / "lora" / which / "pytorch_lora_weights.safetensors").is_file()
         load_backbone(export / which)  # the adapter merged into the base
+    # MLflow: the merged weights inside the logged models, the adapters as the run's export/lora.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(first.tracking_uri)
+    adapters = {Path(a.path).name for a in client.list_artifacts(first.run_id, "export/lora")}
+    assert adapters == {"ema", "student"}
+    assert {Path(a.path).name for a in client.list_artifacts(first.run_id, "export")} == {"lora"}
     second = run(tiny_config(tmp_path, *base, "train.steps=3"))
     assert second.run_id == first.run_id and second.metrics["step"] == 3
     # The checkpoint holds adapters only, not the frozen base.

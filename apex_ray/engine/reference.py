@@ -1,5 +1,6 @@
 """The frozen starting model: ``F_frozen(x_t, t, c)``, no grad, for ``shift_reference=frozen``
-(delta_d of eq. 18 against the teacher) and the ``diag/*`` branch-separation diagnostics.
+(delta_d of eq. 18 against the teacher), the ``diag/*`` branch-separation diagnostics and the
+teacher of ``objective.kind=consistency``.
 
 Two forms, one call signature (:data:`~apex_ray.method.conditioning.VelocityFn`):
 
@@ -26,9 +27,12 @@ from apex_ray.models.lora import _set_trainable, _tuner_layers
 
 
 def keeps_frozen_reference(config: Config) -> bool:
-    """Whether the run keeps the starting model: ``shift_reference=frozen`` needs it; the diagnostics'
+    """Whether the run keeps the starting model: ``shift_reference=frozen`` needs it, and so does
+    ``objective.kind=consistency`` (it is the distillation teacher); the diagnostics'
     ``diag/cos_delta_frozen`` and ``diag/plain_drift_rms`` use it when ``eval.diagnostics`` and
     ``eval.diagnostics_frozen`` are on (free under LoRA, one sharded fp32 model copy otherwise)."""
+    if config.objective.kind == "consistency":
+        return True
     if config.objective.kind != "apex":
         return False
     if config.objective.apex.shift_reference == "frozen":

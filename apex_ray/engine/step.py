@@ -19,14 +19,20 @@ from apex_ray.common.seeds import derive_seed
 from apex_ray.config import Config, OptimConfig
 from apex_ray.method.batch import Batch
 from apex_ray.method.buffer import FakeSampleBuffer
+from apex_ray.method.consistency import ConsistencyObjective
 from apex_ray.method.ema import EMA
 from apex_ray.method.objective import APEXObjective, FlowMatchingObjective
 
+Objective = APEXObjective | FlowMatchingObjective | ConsistencyObjective
 
-def build_objective(config: Config, frozen: Callable | None = None) -> APEXObjective | FlowMatchingObjective:
-    """The run's objective; ``frozen`` is the no-grad starting model (``shift_reference=frozen``)."""
+
+def build_objective(config: Config, frozen: Callable | None = None) -> Objective:
+    """The run's objective; ``frozen`` is the no-grad starting model (``shift_reference=frozen``;
+    the teacher of ``kind=consistency``)."""
     if config.objective.kind == "apex":
         return APEXObjective(config.objective.apex, FakeSampleBuffer(config.objective.buffer_size), frozen=frozen)
+    if config.objective.kind == "consistency":
+        return ConsistencyObjective(config.objective.consistency, teacher=frozen)
     return FlowMatchingObjective(config.objective.flow_matching)
 
 
@@ -85,7 +91,7 @@ class StepRunner:
         self,
         model: torch.nn.Module,
         ema: EMA | None,
-        objective: APEXObjective | FlowMatchingObjective,
+        objective: Objective,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         *,

@@ -70,8 +70,10 @@ def branch_statistics(
     t_r = torch.rand(n, generator=generator, device=device)
     y_g, y_r = interpolate(x_hat, noise_g, t_g), interpolate(x, noise_r, t_r)
     v_g, v_r = noise_g - x_hat, noise_r - x
-    cs_g, ts_g = shift_condition(cond, t_g, config.shift_a, config.shift_b, config.shift_target)
-    cs_r, ts_r = shift_condition(cond, t_r, config.shift_a, config.shift_b, config.shift_target)
+    cs_g, ts_g = shift_condition(cond, t_g, config.shift_a, config.shift_b, config.shift_target,
+                                 config.shift_stage)
+    cs_r, ts_r = shift_condition(cond, t_r, config.shift_a, config.shift_b, config.shift_target,
+                                 config.shift_stage)
     out = model(torch.cat([y_g, y_g, y_r, y_r]), torch.cat([t_g, ts_g, t_r, ts_r]),
                 Conditioning.cat([cond, cs_g, cond, cs_r])).float()
     plain_g, shift_g, plain_r, shift_r = out.split(n)

@@ -6,7 +6,8 @@ loss and return its parts for logging. Nothing here knows about Ray or distribut
 Forward passes per APEX step (batch B, ``n_a`` anchors, ``n_adv`` buffer draws):
   1. one call with gradient on ``B + n_adv`` rows: the main forward ``F_theta(x_t, t, c)``
      batched with the shifted-condition forward of L_adv;
-  2. one EMA call without gradient on ``2B`` rows: ``F_ema`` at ``x_t`` and ``x_s`` (eq. 10);
+  2. one EMA call without gradient on ``2B`` rows: ``F_ema`` at ``x_t`` and ``x_s`` (eq. 10)
+     (``3B`` with ``guidance_ratio > 0``: also at ``x_t`` under the empty prompt);
   3. one call without gradient on ``2 n_a`` rows: the shifted and reference forwards of
      ``delta_d`` (eq. 18), or two calls when the reference is the EMA or the frozen starting model.
 
@@ -25,8 +26,10 @@ import torch.nn.functional as F
 
 from apex_ray.method.buffer import FakeSampleBuffer
 from apex_ray.method.conditioning import (
+    SHIFT_STAGES,
     SHIFT_TARGETS,
     Conditioning,
+    ShiftStage,
     ShiftTarget,
     VelocityFn,
     shift_condition,
@@ -109,6 +112,15 @@ def shift_loss(f_anchor: torch.Tensor, delta_d: torch.Tensor, **norm) -> torch.T
     return multiscale_adaptive_l2(f_anchor - (f_anchor + delta_d).detach(), **norm)
 
 
+def guidance_enhanced(target: torch.Tensor, f_cond: torch.Tensor, f_uncond: torch.Tensor, t: torch.Tensor,
+                      ratio: float, time_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """``target + ratio (F(x_t, t, c) - F(x_t, t, empty))`` on rows with ``lo < t < hi``, the others
+    unchanged (LINs-lab/APEX ``enhance_target``: eq. 12's target pushed along a classifier-free
+    guidance direction of the EMA)."""
+    inside = ((t > time_range[0]) & (t < time_range[1])).to(target.dtype)
+    return target + ratio * expand_time(inside, target) * (f_cond - f_uncond)
+
+
 def sample_time(n: int, beta_params: tuple[float, float, float], generator: torch.Generator | None,
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """``t ~ Beta(p1, p2) * p3``; the Beta draw is ``G1 / (G1 + G2)`` with seeded Gamma draws."""
@@ -162,6 +174,12 @@ class APEXConfig:
     shift_a: float = -0.5  # c' = a c + b (eq. 16); Table 6's best cell
     shift_b: float = 1.0
     shift_target: ShiftTarget = "text"  # paper: text; released code: time with a = -1, b = 0
+    # Where the text part of the shift acts (eq. 16, c' = a c + b): input = on the text encoder's token
+    # embeddings c (the paper's framing); projected = on the backbone's projected text features
+    # h' = a h + b, h = caption_norm(caption_projection(c)) (SANA) or txt_in(txt_norm(c)) (Qwen-Image), as
+    # the released LINs-lab/APEX trainer does (src/networks/qwen_image/transformer_qwenimage.py negates
+    # txt_in(txt_norm(c)) on its shifted rows: a = -1, b = 0). Issue 15; no effect for shift_target=time.
+    shift_stage: ShiftStage = "input"
     # F_ref of delta_d (eq. 18): online (the network itself, eq. 18), ema (Alg. 1 l. 16) or frozen (the
     # starting model, no grad: a sharded no-grad copy under a full fine-tune, the base with the adapter
     # off under LoRA; issue 15: the plain branch drifts from the teacher by more than delta_d itself).
@@ -180,6 +198,13 @@ class APEXConfig:
     # fresh fakes for the buffer; no L_path, no L_shift, no EMA or delta_d forwards); every k-th step
     # (step 0 first) is a full step. 1 = every step is a full step (the paper).
     adv_steps_per_generator_step: int = 1
+    # Guidance-enhanced path target (LINs-lab/APEX ``enhance_target``, its default ratio 0.5): on the
+    # rows with guidance_range[0] < t < guidance_range[1] (so never the t = 1 anchors), eq. 12's target
+    # gains w (F_ema(x_t, t, c) - F_ema(x_t, t, empty prompt)), a classifier-free-guidance direction
+    # of the EMA, so the one-step model learns a guided endpoint. One more EMA forward (B rows, batched
+    # into the EMA call). 0 = off (the paper's eq. 12).
+    guidance_ratio: float = 0.0
+    guidance_range: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         self.time_beta = tuple(float(v) for v in self.time_beta)  # type: ignore[assignment]
@@ -200,12 +225,19 @@ class APEXConfig:
             errors.append(f"adv_frac must be in (0, 1], got {self.adv_frac}")
         if self.shift_target not in SHIFT_TARGETS:
             errors.append(f"shift_target must be one of {SHIFT_TARGETS}, got {self.shift_target!r}")
+        if self.shift_stage not in SHIFT_STAGES:
+            errors.append(f"shift_stage must be one of {SHIFT_STAGES}, got {self.shift_stage!r}")
         if self.shift_reference not in SHIFT_REFERENCES:
             errors.append(f"shift_reference must be one of {SHIFT_REFERENCES}, got {self.shift_reference!r}")
         if self.weighting not in ("paper", "released"):
             errors.append(f"weighting must be 'paper' or 'released', got {self.weighting!r}")
         if not isinstance(self.adv_steps_per_generator_step, int) or self.adv_steps_per_generator_step < 1:
             errors.append(f"adv_steps_per_generator_step must be an integer >= 1, got {self.adv_steps_per_generator_step!r}")
+        self.guidance_range = tuple(float(v) for v in self.guidance_range)  # type: ignore[assignment]
+        if self.guidance_ratio < 0:
+            errors.append(f"guidance_ratio must be >= 0, got {self.guidance_ratio}")
+        if len(self.guidance_range) != 2 or not 0 <= self.guidance_range[0] < self.guidance_range[1] <= 1:
+            errors.append(f"guidance_range must be (lo, hi) with 0 <= lo < hi <= 1, got {self.guidance_range}")
         for name in ("target_clip", "delta_clip"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -240,6 +272,13 @@ class APEXObjective:
         self.frozen = frozen  # the starting model, no grad: F_ref of delta_d when shift_reference=frozen
         if config.shift_reference == "frozen" and frozen is None:
             raise ValueError("shift_reference=frozen needs the frozen starting model (APEXObjective(..., frozen=...))")
+        # The empty prompt's conditioning (one row), for guidance_ratio > 0: set by the caller, which
+        # knows the text encoder (the prepared set's empty_prompt.safetensors).
+        self.empty_prompt: Conditioning | None = None
+
+    @property
+    def needs_empty_prompt(self) -> bool:
+        return self.config.guidance_ratio > 0
 
     def is_generator_step(self, step: int) -> bool:
         """Whether step ``step`` (0-based) trains the generator (L_path, L_shift) or only the fake score."""
@@ -303,7 +342,8 @@ class APEXObjective:
             z_fake = torch.randn(x_fake.shape, generator=generator, device=device, dtype=x.dtype)
             t_adv = torch.rand(n_adv, generator=generator, device=device)
             x_adv = interpolate(x_fake, z_fake, t_adv)
-            cond_adv, t_adv_in = shift_condition(cond_fake, t_adv, cfg.shift_a, cfg.shift_b, cfg.shift_target)
+            cond_adv, t_adv_in = shift_condition(cond_fake, t_adv, cfg.shift_a, cfg.shift_b, cfg.shift_target,
+                                                cfg.shift_stage)
             inputs.append(x_adv)
             times.append(t_adv_in)
             conds.append(cond_adv)
@@ -316,11 +356,20 @@ class APEXObjective:
 
         # Lines 5-9: path-integrability loss with EMA endpoint predictions (eq. 10-13).
         if use_path:
+            guided = cfg.guidance_ratio > 0
+            points, times_ema, conds_ema = [x_t, x_s], [t, s], [cond, cond]
+            if guided:  # F_ema(x_t, t, empty prompt) for the guidance direction, in the same call
+                points.append(x_t)
+                times_ema.append(t)
+                conds_ema.append(self._empty(batch, device))
             with torch.no_grad():
-                f_ema = ema(torch.cat([x_t, x_s]), torch.cat([t, s]), Conditioning.cat([cond, cond]))
-            calls, rows = calls + 1, rows + 2 * batch
-            f_ema_t, f_ema_s = f_ema[:batch], f_ema[batch:]
+                f_ema = ema(torch.cat(points), torch.cat(times_ema), Conditioning.cat(conds_ema))
+            calls, rows = calls + 1, rows + len(points) * batch
+            f_ema_t, f_ema_s = f_ema[:batch], f_ema[batch:2 * batch]
             target = path_target(f_ema_t, f_ema_s, x_t, x_s, t, s, cfg.target_clip)
+            if guided:
+                target = guidance_enhanced(target, f_ema_t, f_ema[2 * batch:], t, cfg.guidance_ratio,
+                                           cfg.guidance_range)
             l_path = (path_weight(t, s, cfg.path_weight) * self._norm(f_theta - target.detach())).mean()
             loss = loss + cfg.lambda_path * l_path
             parts["loss_path"] = l_path.detach()
@@ -350,6 +399,12 @@ class APEXObjective:
         parts.update(n_anchor=float(n_anchor), n_adv=float(n_adv), generator_step=float(generator_step))
         return StepLoss(loss, parts, calls, rows)
 
+    def _empty(self, batch: int, device: torch.device) -> Conditioning:
+        if self.empty_prompt is None:
+            raise ValueError("guidance_ratio > 0 needs the empty prompt's conditioning (APEXObjective.empty_prompt)")
+        empty = self.empty_prompt.to(device)
+        return empty.index(torch.zeros(batch, dtype=torch.long, device=device))
+
     @torch.no_grad()
     def _shift_residual(
         self, model: VelocityFn, ema: VelocityFn, x_hat: torch.Tensor, cond: Conditioning,
@@ -361,7 +416,7 @@ class APEXObjective:
         noise = torch.randn(x_hat.shape, generator=generator, device=x_hat.device, dtype=x_hat.dtype)
         t = torch.rand(n, generator=generator, device=x_hat.device)
         y = interpolate(x_hat, noise, t)
-        cond_shifted, t_shifted = shift_condition(cond, t, cfg.shift_a, cfg.shift_b, cfg.shift_target)
+        cond_shifted, t_shifted = shift_condition(cond, t, cfg.shift_a, cfg.shift_b, cfg.shift_target, cfg.shift_stage)
         if cfg.shift_reference == "online":
             both = model(torch.cat([y, y]), torch.cat([t_shifted, t]), Conditioning.cat([cond_shifted, cond]))
             f_shifted, f_ref, calls = both[:n], both[n:], 1

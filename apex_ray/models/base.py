@@ -7,7 +7,9 @@ and the trainer see a single signature:
 - ``x_t``: latent ``[B, C, H, W]`` with ``C == latent_channels``;
 - ``t``: float ``[B]`` flow time, 1 = noise, 0 = data, ``x_t = t z + (1 - t) x``. APEX feeds
   shifted times (``a t + b``, e.g. negative or above 1), so no wrapper clamps or checks it;
-- ``cond``: a :class:`~apex_ray.method.conditioning.Conditioning` (token embeddings, mask, pooled);
+- ``cond``: a :class:`~apex_ray.method.conditioning.Conditioning` (token embeddings, mask, pooled,
+  and an optional per-row ``feature_shift`` the wrapper applies to its projected text features,
+  see :func:`shifted_features`);
 - returns the velocity ``v = z - x`` ``[B, C, H, W]`` (diffusers' FlowMatch ``noise - x0``).
 """
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from contextlib import contextmanager
+from typing import ClassVar, Iterator
 
 import torch
 import torch.distributed as dist
@@ -98,6 +101,41 @@ def flow_time(t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     Deliberately no clamping: APEX's shifted branch evaluates the network at ``a t + b``.
     """
     return t.to(device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
+
+
+def apply_feature_shift(features: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``a h + b`` per row of ``features`` ``[B, ...]`` with ``shift`` ``[B, 2]`` = ``(a, b)`` per row,
+    broadcast over the other dimensions; identity rows ``(1, 0)`` are returned exactly as they are."""
+    if features.shape[0] != shift.shape[0]:
+        raise ValueError(f"feature_shift has {shift.shape[0]} rows, the text features {features.shape[0]}")
+    view = (-1,) + (1,) * (features.dim() - 1)
+    shift = shift.to(device=features.device, dtype=features.dtype)
+    a, b = shift[:, 0].reshape(view), shift[:, 1].reshape(view)
+    identity = (a == 1) & (b == 0)
+    return torch.where(identity, features, a * features + b)  # no host sync, identity rows untouched
+
+
+@contextmanager
+def shifted_features(module: torch.nn.Module, shift: torch.Tensor | None) -> Iterator[None]:
+    """While open, ``module``'s output ``h`` (batch first) becomes ``a h + b`` per row (``shift``
+    ``[B, 2]``, see :func:`apply_feature_shift`); ``None``: nothing is registered.
+
+    A temporary forward hook, removed on exit even when the forward raises. It leaves the module
+    itself in place, so it works on a module inside an FSDP2-sharded (or peft-wrapped) model;
+    open it around the outer forward call so that the hook is there when the module runs.
+    """
+    if shift is None:
+        yield
+        return
+
+    def hook(_module: torch.nn.Module, _args, output: torch.Tensor) -> torch.Tensor:
+        return apply_feature_shift(output, shift)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

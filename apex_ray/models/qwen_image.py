@@ -7,6 +7,8 @@ its 3-axis RoPE, and returns packed velocities; the wrapper packs and unpacks ex
 ``Timesteps(scale=1000)`` rescales internally, so ``t`` goes in unchanged. The text mask
 goes in as ``encoder_hidden_states_mask`` (padding tokens are masked out of joint attention;
 this diffusers version derives the text length from it, there is no ``txt_seq_lens``).
+A ``cond.feature_shift`` (APEX ``shift_stage=projected``) shifts the projected text features,
+the output of ``txt_in(txt_norm(c))``, per row (Qwen-Image has no pooled text vector).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 
 from apex_ray.method.conditioning import Conditioning
-from apex_ray.models.base import VelocityModel, flow_time
+from apex_ray.models.base import VelocityModel, flow_time, shifted_features
 
 QWEN_IMAGE_CONFIGS: dict[str, dict] = {
     # A ~2M-parameter Qwen-Image for CPU runs on 32x32 RGB pixels (identity codec): 3 channels
@@ -69,6 +71,10 @@ class QwenImageVelocityModel(VelocityModel):
     def text_embed_dim(self) -> int:
         return self.transformer.config.joint_attention_dim
 
+    def text_feature_module(self) -> torch.nn.Module:
+        """Where the projected text features come out: ``txt_in`` (the projection after ``txt_norm``)."""
+        return self.transformer.txt_in
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         batch, channels, height, width = x_t.shape
         p = self.transformer.config.patch_size
@@ -78,14 +84,16 @@ class QwenImageVelocityModel(VelocityModel):
             .permute(0, 2, 4, 1, 3, 5)
             .reshape(batch, rows * cols, channels * p * p)
         )
-        velocity = self.transformer(
-            hidden_states=packed,
-            encoder_hidden_states=cond.embeds.to(x_t.dtype),
-            encoder_hidden_states_mask=cond.mask,
-            timestep=flow_time(t, x_t),
-            img_shapes=[[(1, rows, cols)]] * batch,
-            return_dict=False,
-        )[0]
+        module = None if cond.feature_shift is None else self.text_feature_module()
+        with shifted_features(module, cond.feature_shift):
+            velocity = self.transformer(
+                hidden_states=packed,
+                encoder_hidden_states=cond.embeds.to(x_t.dtype),
+                encoder_hidden_states_mask=cond.mask,
+                timestep=flow_time(t, x_t),
+                img_shapes=[[(1, rows, cols)]] * batch,
+                return_dict=False,
+            )[0]
         return (
             velocity.reshape(batch, rows, cols, channels, p, p)
             .permute(0, 3, 1, 4, 2, 5)

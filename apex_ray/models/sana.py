@@ -4,6 +4,8 @@ SANA's pipeline passes the scheduler timestep, which is flow time times 1000 (ti
 config's ``timestep_scale``, 1.0 for SANA), and reads the output as the flow-matching
 velocity ``noise - x0``; the wrapper does the same conversion. The text mask goes in as
 SANA's ``encoder_attention_mask`` (padding keys get a -10000 bias in cross-attention).
+A ``cond.feature_shift`` (APEX ``shift_stage=projected``) shifts the projected, normalised text
+features, the output of ``caption_norm(caption_projection(c))``, per row.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 from diffusers import SanaTransformer2DModel
 
 from apex_ray.method.conditioning import Conditioning
-from apex_ray.models.base import VelocityModel, flow_time
+from apex_ray.models.base import VelocityModel, flow_time, shifted_features
 
 SANA_TIMESTEP_SCALE = 1000.0
 """Scheduler timesteps are flow time (sigma) times ``num_train_timesteps`` = 1000."""
@@ -92,12 +94,19 @@ class SanaVelocityModel(VelocityModel):
     def text_embed_dim(self) -> int:
         return self.transformer.config.caption_channels
 
+    def text_feature_module(self) -> torch.nn.Module:
+        """Where the projected text features come out: ``caption_norm`` (after ``caption_projection``)."""
+        norm = getattr(self.transformer, "caption_norm", None)
+        return self.transformer.caption_projection if norm is None else norm
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         timestep = flow_time(t, x_t) * (SANA_TIMESTEP_SCALE * self.transformer.config.timestep_scale)
-        return self.transformer(
-            hidden_states=x_t,
-            encoder_hidden_states=cond.embeds.to(x_t.dtype),
-            encoder_attention_mask=cond.mask,
-            timestep=timestep,
-            return_dict=False,
-        )[0]
+        module = None if cond.feature_shift is None else self.text_feature_module()
+        with shifted_features(module, cond.feature_shift):
+            return self.transformer(
+                hidden_states=x_t,
+                encoder_hidden_states=cond.embeds.to(x_t.dtype),
+                encoder_attention_mask=cond.mask,
+                timestep=timestep,
+                return_dict=False,
+            )[0]

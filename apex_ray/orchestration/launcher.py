@@ -367,7 +367,7 @@ def run(config: Config, verbose: bool = False, callbacks: list | None = None,
 
 def _describe(config: Config) -> str:
     """The run page's description: what was trained, how, and where its config is."""
-    method = "APEX one-step fine-tune" if config.objective.kind == "apex" else "flow-matching training"
+    method = config.objective.method
     start = config.model.pretrained or "random init"
     lora = f", LoRA r{config.model.lora.rank}" if config.model.lora.enabled else ""
     return (f"{method} of {config.model.backbone}{lora} from {start}: {config.train.steps} steps at global batch "
@@ -643,8 +643,7 @@ def _fit(config: Config, run_name: str, ray_storage: str, tracking_uri: str, log
     if checkpoint_path and storage.exists(storage.join(checkpoint_path, "export")):
         export_path = storage.join(checkpoint_path, "export")
         with storage.local_copy(export_path) as local_export:
-            logger.log_artifacts(str(local_export), "export")
-            _log_models(config, tracking_uri, logger, str(local_export), int((result.metrics or {}).get("step", 0)))
+            _log_exported(config, tracking_uri, logger, Path(local_export), int((result.metrics or {}).get("step", 0)))
     else:
         print("apex-ray: no export in the last checkpoint (aborted or not finished), so no MLflow models logged",
               flush=True)
@@ -664,18 +663,28 @@ def _log_dataset_input(logger: RunLogger, prepared: str) -> None:
         print(f"apex-ray: could not log the prepared set {prepared} as an MLflow dataset input ({err})", flush=True)
 
 
-def _log_models(config: Config, tracking_uri: str, logger: RunLogger, local_export: str, step: int) -> None:
+def _log_exported(config: Config, tracking_uri: str, logger: RunLogger, local_export: Path, step: int) -> None:
     """The exported EMA and student as MLflow logged models of the run (the EMA registered as
-    ``tracking.register_model`` when set)."""
+    ``tracking.register_model`` when set). The weights are uploaded once, inside the models; the
+    run's ``export/`` artifacts hold only what the models do not (the LoRA adapters), or all of
+    the export if the models could not be logged."""
     from apex_ray.orchestration.mlflow_model import log_exported_models
 
     try:
         models = log_exported_models(tracking_uri, logger.run_id, local_export, config, step,
                                      register_as=config.tracking.register_model)
-    except Exception as err:  # training finished and its weights are logged as files: the run stays FINISHED
-        print(f"apex-ray: could not log the exported weights as MLflow models ({type(err).__name__}: {err}); they "
-              "are in the run's export/ artifacts and the final checkpoint", flush=True)
+    except Exception as err:  # training finished: its weights go up as plain files, the run stays FINISHED
+        print(f"apex-ray: could not log the exported weights as MLflow models ({type(err).__name__}: {err}); "
+              "logging them as the run's export/ artifacts instead", flush=True)
+        logger.log_artifacts(str(local_export), "export")
         return
+    for entry in sorted(local_export.iterdir()):
+        if entry.name in models:
+            continue
+        if entry.is_dir():
+            logger.log_artifacts(str(entry), f"export/{entry.name}")
+        else:
+            logger.client.log_artifact(logger.run_id, str(entry), "export")
     if models:
         named = ", ".join(f"{role} {model_id}" for role, model_id in models.items())
         registered = f"; EMA registered as {config.tracking.register_model!r}" if config.tracking.register_model else ""

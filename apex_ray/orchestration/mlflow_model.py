@@ -1,5 +1,5 @@
-"""A run's exported EMA and student as MLflow 3 logged models (``mlflow.pyfunc``), and its prepared set
-as a dataset input.
+"""A run's exported EMA and student as MLflow 3 logged models (``mlflow.pyfunc``, logged from code:
+:mod:`apex_ray.orchestration.mlflow_model_code`, no pickle), and its prepared set as a dataset input.
 
     model = mlflow.pyfunc.load_model("models:/<model_id>")       # or runs:/<run_id>/ema, models:/<name>/1
     images = model.predict(pd.DataFrame({"prompt": ["a red circle"]}), params={"nfe": 1, "seed": 0})
@@ -11,6 +11,7 @@ models decode with a VAE: the run's own (``model_config["vae"]``) or ``params={"
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import tempfile
@@ -19,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
+MODEL_CODE = str(Path(__file__).with_name("mlflow_model_code.py"))
+"""What ``load_model`` runs to get the model object (``mlflow.models.set_model(ApexImageModel())``)."""
 WEIGHTS = "weights"
 MODEL_CARD = "model_card"
 PIP_REQUIREMENTS = ["mlflow>=3.1", "torch", "diffusers>=0.35", "transformers>=4.50", "safetensors>=0.4",
@@ -31,8 +35,9 @@ CPU or CUDA build that fits the machine)."""
 class ApexImageModel(mlflow.pyfunc.PythonModel):
     """Prompts -> images with an exported :class:`~apex_ray.models.VelocityModel` at any NFE."""
 
-    # predict takes a DataFrame, a list or one prompt, and the models are logged with an explicit
-    # signature: MLflow's type-hint validation (and its warnings on import and load) does not apply.
+    # The models are logged with an explicit signature (a "prompt" column and the params), so
+    # MLflow hands predict a DataFrame; a DataFrame type hint is one MLflow infers nothing from
+    # (no second signature, no warning). Called directly, predict also takes a list or one prompt.
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
@@ -63,7 +68,7 @@ class ApexImageModel(mlflow.pyfunc.PythonModel):
                 raise ValueError(f"{err} -- with MLflow: predict(..., params={{'vae': ...}})") from None
         return self._decoders[vae]
 
-    def predict(self, context, model_input: Any, params: dict[str, Any] | None = None) -> list:
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list:
         from apex_ray.common.images import tensor_to_images
         from apex_ray.engine.evaluation import generate
         from apex_ray.engine.inference import sampler_config
@@ -110,10 +115,10 @@ def model_card(role: str, config, step: int, run_id: str, registered_name: str |
             else "the student's raw weights at the last step")
     registered = (f"\nIt is registered as `{registered_name}` (`mlflow.pyfunc.load_model(\"models:/{registered_name}/"
                   "latest\")`).\n") if registered_name else ""
-    method = "APEX one-step fine-tune" if config.objective.kind == "apex" else "flow-matching training"
+    method = config.objective.method
     return f"""# apex-ray {role}: {config.model.backbone}
 
-{what.capitalize()}, from run `{run_id}`: {method} of `{config.model.backbone}` from
+{what[0].upper() + what[1:]}, from run `{run_id}`: {method} of `{config.model.backbone}` from
 `{config.model.pretrained or "random init"}`, {step} steps at global batch {config.train.global_batch}
 ({config.world_size} x {config.distributed.strategy} worker(s)), text encoder `{config.model.text_encoder}`.
 {registered}
@@ -132,11 +137,11 @@ Serving needs the `apex-ray` package installed beside the listed requirements.
 ## Load with apex-ray
 
 The weights are the model's artifact folder `artifacts/{role}/` (a `VelocityModel.save_pretrained`
-folder, also the run's artifact `export/{role}`):
+folder, what apex-ray's own tools read):
 
 ```
-mlflow artifacts download --artifact-uri "models:/<model_id>/artifacts/{role}" --dst-path {role}
-python -m apex_ray.sample --checkpoint {role} --prompts "a red circle" --nfe 1
+mlflow artifacts download --artifact-uri "models:/<model_id>" --dst-path {role}-model
+python -m apex_ray.sample --checkpoint {role}-model/artifacts/{role} --prompts "a red circle" --nfe 1
 ```
 """
 
@@ -153,7 +158,7 @@ def log_exported_models(tracking_uri: str, run_id: str, export_folder: str | os.
     found = {}
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        with warnings.catch_warnings(), mlflow.start_run(run_id=run_id, log_system_metrics=False), tempfile.TemporaryDirectory() as cards:
+        with _resumed(run_id), tempfile.TemporaryDirectory() as cards:
             for role in ("ema", "student"):
                 weights = Path(export_folder) / role
                 if not weights.is_dir():
@@ -162,18 +167,30 @@ def log_exported_models(tracking_uri: str, run_id: str, export_folder: str | os.
                 card = Path(cards) / role / "README.md"
                 card.parent.mkdir()
                 card.write_text(model_card(role, config, step, run_id, name))
-                warnings.simplefilter("ignore", UserWarning)  # no input example / type-hint signature: ours is given
-                info = mlflow.pyfunc.log_model(
-                    name=role, python_model=ApexImageModel(), artifacts={WEIGHTS: str(weights), MODEL_CARD: str(card)},
-                    pip_requirements=PIP_REQUIREMENTS, signature=signature(), model_config=model_config,
-                    registered_model_name=name, tags={"role": role, "step": str(step),
-                                                      "backbone": config.model.backbone},
-                    params={"backbone": config.model.backbone, "objective": config.objective.kind}, step=step)
+                with contextlib.redirect_stderr(io.StringIO()):  # "Successfully registered ...": the launcher says it
+                    info = mlflow.pyfunc.log_model(
+                        name=role, python_model=MODEL_CODE, artifacts={WEIGHTS: str(weights), MODEL_CARD: str(card)},
+                        pip_requirements=PIP_REQUIREMENTS, signature=signature(), model_config=model_config,
+                        registered_model_name=name, tags={"role": role, "step": str(step),
+                                                          "backbone": config.model.backbone},
+                        params={"backbone": config.model.backbone, "objective": config.objective.kind}, step=step)
                 mlflow.MlflowClient(tracking_uri).log_model_artifact(info.model_id, str(card))  # README.md at the top
                 found[role] = info.model_id
     finally:
         mlflow.set_tracking_uri(previous)  # None: unset again (and $MLFLOW_TRACKING_URI with it)
     return found
+
+
+@contextlib.contextmanager
+def _resumed(run_id: str):
+    """The run as MLflow's active run (``pyfunc.log_model`` links its models to the active run);
+    leaving it prints nothing: the launcher finishes the run and prints its UI link once."""
+    mlflow.start_run(run_id=run_id, log_system_metrics=False)
+    try:
+        yield
+    finally:
+        with contextlib.redirect_stdout(io.StringIO()):
+            mlflow.end_run()
 
 
 def _run_vae(config) -> str | None:
@@ -189,11 +206,17 @@ def _run_vae(config) -> str | None:
     return None if codec.get("name") == "pixel" else codec.get("path")
 
 
+def dataset_digest(manifest) -> str | None:
+    """MLflow shows (and compares) a dataset by its digest: at most 36 characters of the content hash."""
+    digest = manifest.get("content_hash") or manifest.get("config_hash")
+    return str(digest)[:36] if digest else None
+
+
 def log_prepared_input(client, run_id: str, prepared: str, name: str | None = None) -> None:
-    """The prepared set as the run's training dataset input: digest = its manifest's content hash
-    (``config_hash``: the same data job config gives the same set), source = its location."""
+    """The prepared set as the run's training dataset input: digest = its manifest's
+    ``content_hash`` (SHA-256 over the shards' bytes; sets made before shards carried digests: the
+    data job's ``config_hash``), source = its location."""
     import json
-    import warnings
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -210,7 +233,7 @@ def log_prepared_input(client, run_id: str, prepared: str, name: str | None = No
         source = resolve_dataset_source(uri)  # file://, s3://, gs://, ... MLflow's artifact sources
     schema = Schema([ColSpec("string", "caption"), ColSpec("binary", "latent"), ColSpec("binary", "text_embeds")])
     dataset = MetaDataset(source, name=name or Path(str(prepared).rstrip("/")).parent.name or "prepared",
-                          digest=str(manifest.get("config_hash") or "")[:36] or None, schema=schema)
+                          digest=dataset_digest(manifest), schema=schema)
     profile = {"rows": manifest.get("rows_written"), "latent_shape": manifest.get("latent_shape"),
                "codec": manifest.get("codec", {}).get("name"), "backbone": manifest.get("backbone")}
     base = dataset._to_mlflow_entity()

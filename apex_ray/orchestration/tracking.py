@@ -102,6 +102,9 @@ class RunLogger:
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
+        self._held: list[Metric] = []
+        self._held_since: float | None = None
+        self._last_logged: float | None = None
 
     @classmethod
     def create(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str],
@@ -144,12 +147,27 @@ class RunLogger:
         for chunk in _chunks(entries):
             self.client.log_batch(self.run_id, params=chunk)
 
-    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None,
+                    hold_s: float = 0.0) -> None:
         """``timestamp_ms``: when the values were measured (default now); a background writer
-        passes it so that the charts' wall-time axis shows the steps, not the writer's lag."""
+        passes it so that the charts' wall-time axis shows the steps, not the writer's lag.
+        ``hold_s`` > 0: when points come faster than that, keep them and write them together once
+        the oldest held one is that old (one store commit for several logged steps: at
+        ``log_every=1`` a commit per step costs rank 0's node a share of a core); points that come
+        slower are written at once. :meth:`flush_metrics` writes what is held."""
         now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
-        entries = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        for chunk in _chunks(entries):
+        self._held += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        clock = time.monotonic()
+        fast = self._last_logged is not None and clock - self._last_logged < hold_s
+        self._last_logged = clock
+        self._held_since = self._held_since or clock
+        if not fast or clock - self._held_since >= hold_s:
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        """Write the metric points :meth:`log_metrics` holds."""
+        held, self._held, self._held_since = self._held, [], None
+        for chunk in _chunks(held):
             self.client.log_batch(self.run_id, metrics=chunk)
 
     def set_tags(self, tags: dict[str, str]) -> None:

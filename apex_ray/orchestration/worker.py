@@ -33,7 +33,7 @@ from apex_ray.engine.collectives import all_reduce_mean
 from apex_ray.engine.diagnostics import evaluate_diagnostics
 from apex_ray.engine.evaluation import EvalPrompts, evaluate_during_training
 from apex_ray.engine.export import export_weights
-from apex_ray.engine.prepared import load_fake_buffer, read_manifest, to_training_batch
+from apex_ray.engine.prepared import load_empty_prompt, load_fake_buffer, read_manifest, to_training_batch
 from apex_ray.engine.step import NonFiniteLossError
 from apex_ray.engine.streams import BatchStream, ShardStream, shapeeval_dataset
 from apex_ray.models import build_text_encoder
@@ -45,6 +45,11 @@ AVERAGED_METRICS = ("loss", "loss_path", "loss_adv", "loss_shift", "loss_endpoin
 """Metrics averaged over ranks before they are reported (the rest are rank 0's). ``samples_per_s``
 is then made the global rate (the mean times the workers, as on the console); the mean is kept as
 ``samples_per_s_per_worker``."""
+
+
+METRICS_HOLD_S = 5.0
+"""Metric points logged faster than this are written to MLflow together, at most this late
+(:meth:`RunLogger.log_metrics`), and always before a checkpoint is reported."""
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -93,6 +98,10 @@ def _train_worker(config: Config, loop_config: dict[str, Any], context, rank: in
     if manifest is not None and runner.buffer is not None:  # fakes kept in the set's storage dtypes
         runner.buffer.sample_dtype = getattr(torch, manifest.get("latent_dtype", "float32"))
         runner.buffer.text_dtype = getattr(torch, manifest.get("text_dtype", "float32"))
+    if getattr(runner.objective, "needs_empty_prompt", False):  # objective.apex.guidance_ratio > 0
+        # The set's own empty prompt (same encoder, same storage dtype as its captions), else encoded here.
+        empty = load_empty_prompt(prepared) if prepared else encoder.encode([""])
+        runner.objective.empty_prompt = empty.to(device)
     if training.lora is not None:
         _say(progress, rank, str(training.lora))
     if manifest is not None and tuple(manifest["latent_shape"]) != latent_shape:
@@ -195,10 +204,12 @@ def _train_loop(config: Config, training: Training, stream, prompts: EvalPrompts
         if logger is not None:
             if step > logged_until:
                 writer.submit(logger.log_metrics, {k: v for k, v in metrics.items() if k != "step"}, step,
-                              int(time.time() * 1000))
+                              int(time.time() * 1000), hold_s=METRICS_HOLD_S)
             writer.submit(_say, progress, rank, _progress_line(metrics, step, schedule.steps, start_step, started,
                                                                schedule.global_batch))
         if checkpoint_due:
+            if logger is not None:
+                writer.submit(logger.flush_metrics)
             writer.flush()  # MLflow holds every point this checkpoint covers before Ray registers it
             _checkpoint_and_report(training, checkpointer, stream, metrics, rank, world_size,
                                    export=last and not aborted, name=_checkpoint_name(step, taken))
@@ -208,6 +219,8 @@ def _train_loop(config: Config, training: Training, stream, prompts: EvalPrompts
             last_report = time.perf_counter()
         if aborted:
             break
+    if logger is not None:
+        writer.submit(logger.flush_metrics)
     checkpointer.wait()
 
 
