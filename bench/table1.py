@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from apex_ray.engine.evaluation import generate, image_grid
+from apex_ray.engine.evaluation import image_grid
+from apex_ray.engine.scoring import evaluation_images
 from apex_ray.method.sampler import SamplerConfig, sample
 from apex_ray.models import build_text_encoder, load_backbone
-from apex_ray.shapeeval import TASKS, evaluation_set, score_images
+from apex_ray.shapeeval import TASKS, score_images
 
 
 def sampler_from_json(text: str | None, nfe: int) -> SamplerConfig:
@@ -51,11 +52,9 @@ def time_sampler(model, cond, shape, config: SamplerConfig, repeats: int) -> flo
 
 
 def evaluate_row(name, model, encoder, nfe, sampler, images_per_prompt, repeats, grids: Path | None):
-    prompts, seeds = evaluation_set(images_per_prompt)
+    images, prompts = evaluation_images(model, encoder.encode, sampler, images_per_prompt)
     captions = [p.caption for p in prompts]
     shape = (model.latent_channels, model.sample_size, model.sample_size)
-    with torch.no_grad():
-        images = generate(model, encoder.encode, captions, seeds, shape, sampler)
     scores = score_images(images, prompts)
     one = encoder.encode(captions[:1])
     ten = encoder.encode(captions[:10])

@@ -21,6 +21,18 @@ def floats(text: str) -> list[float]:
     return values
 
 
+def ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return values
+
+
 def value_range(text: str) -> tuple[float, float]:
     values = floats(text)
     if len(values) != 2:
@@ -37,7 +49,19 @@ def parser(prog: str, description: str, default_name: str) -> argparse.ArgumentP
     p.add_argument("--backbone", help="backbone preset of every trial (default: the config's)")
     p.add_argument("--nfe", type=int, default=1, help="score ShapeEval at this NFE (default 1): the table")
     p.add_argument("--also-nfe", type=int, nargs="*", default=[], help="also score these NFEs (extra columns)")
-    p.add_argument("--images-per-prompt", type=int, default=2, help="ShapeEval images per prompt (default 2)")
+    p.add_argument("--seeds", type=ints, help="training seeds, e.g. 0,1,2: every cell runs once per seed "
+                                            "(train.seed) and the tables show mean [95%% interval] over them "
+                                            "(default: the config's train.seed, one trial per cell)")
+    p.add_argument("--images-per-prompt", type=int, default=4,
+                   help="ShapeEval images per prompt when the exported EMA and student are scored for the "
+                        "tables (default 4)")
+    p.add_argument("--eval-images-per-prompt", type=int, default=2,
+                   help="ShapeEval images per prompt of the evaluations during training (curves, ASHA's "
+                        "rungs; default 2)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates per interval (default 2000)")
+    p.add_argument("--no-export-scores", action="store_true",
+                   help="do not score the exports after the sweep: the tables show the training-time "
+                        "evaluation, without intervals")
     p.add_argument("--workers-per-trial", type=int, default=1,
                    help="Train workers per trial (default 1: trials run side by side instead)")
     p.add_argument("--search", choices=["grid", "optuna"], default="grid",
@@ -64,11 +88,15 @@ def base_config(args: argparse.Namespace, extra: tuple[str, ...] = ()):
         raise SweepError("--workers-per-trial must be at least 1")
     if args.concurrency is not None and args.concurrency < 1:
         raise SweepError("--concurrency must be at least 1")
+    if not 1 <= args.images_per_prompt <= 1000 or not 1 <= args.eval_images_per_prompt <= 1000:
+        raise SweepError("--images-per-prompt and --eval-images-per-prompt must be in 1..1000")
+    if args.bootstrap < 1:
+        raise SweepError("--bootstrap must be at least 1")
     eval_every = max(1, args.steps // 4)
     preset = [
         f"train.steps={args.steps}", f"train.eval_every={eval_every}", f"train.checkpoint_every={eval_every}",
         f"train.log_every={max(1, min(10, args.steps // 10))}", f"eval.score_nfe=[{','.join(str(n) for n in sorted({args.nfe, *args.also_nfe}))}]",
-        f"eval.grid_nfe=[{args.nfe}]", f"eval.images_per_prompt={args.images_per_prompt}",
+        f"eval.grid_nfe=[{args.nfe}]", f"eval.images_per_prompt={args.eval_images_per_prompt}",
         f"distributed.num_workers={args.workers_per_trial}",
     ]
     if args.workers_per_trial == 1:
@@ -76,6 +104,12 @@ def base_config(args: argparse.Namespace, extra: tuple[str, ...] = ()):
     if args.backbone:
         preset.append(f"model.backbone={args.backbone}")
     return load_config(args.config, [*preset, *extra, *args.overrides])
+
+
+def seed_options(args: argparse.Namespace) -> dict:
+    """The :class:`Sweep` fields of ``--seeds``, ``--images-per-prompt``, ``--bootstrap``, ``--no-export-scores``."""
+    return {"seeds": list(args.seeds or []), "images_per_prompt": args.images_per_prompt, "n_boot": args.bootstrap,
+            "score_exports": not args.no_export_scores}
 
 
 def search_ranges(args: argparse.Namespace, ranges: list[SearchRange]) -> list[SearchRange]:

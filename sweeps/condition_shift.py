@@ -1,19 +1,21 @@
 """``python sweeps/condition_shift.py``: the paper's Table 6, the (a, b) condition-shift grid.
 
-Every trial is an APEX fine-tune of the same length from the same teacher, data and seed, with
-``c' = a c + b`` (eq. 16) applied where ``--target`` says; each is scored by ShapeEval at NFE 1.
+Every trial is an APEX fine-tune of the same length from the same teacher and data, once per
+``--seeds`` seed, with ``c' = a c + b`` (eq. 16) applied where ``--target`` says; each trial's
+exported EMA and student are scored by ShapeEval at NFE 1 (mean [95% interval] per cell).
 
   python sweeps/condition_shift.py                              # a in {-1,-0.5,0.5} x b in {0,0.1,1,10}
   python sweeps/condition_shift.py --a=-1,-0.5 --b=0.1,1 --steps 100
   python sweeps/condition_shift.py --search optuna --trials 12 --a-range=-1.5,1 --b-range=0.01,10
   python sweeps/condition_shift.py --resume                     # finish an interrupted sweep
+  python sweeps/condition_shift.py --seeds 0,1,2                # 3 trials per cell: mean [95% interval]
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from sweeps.cli import base_config, execute, floats, parser, search_ranges, value_range
+from sweeps.cli import base_config, execute, floats, parser, search_ranges, seed_options, value_range
 from sweeps.tuning import Cell, SearchRange, Sweep
 
 PAPER_A = [-1.0, -0.5, 0.5]
@@ -37,7 +39,7 @@ def build(args: argparse.Namespace) -> Sweep:
     return Sweep(name=args.name, kind="condition_shift", base=base, output_dir=args.output_dir,
                  cells=[] if ranges else cells(args.a, args.b), search=ranges, num_samples=args.trials,
                  nfe=args.nfe, concurrency=args.concurrency, scheduler=args.scheduler, resume=args.resume,
-                 verbose=args.verbose)
+                 verbose=args.verbose, **seed_options(args))
 
 
 def arguments() -> argparse.ArgumentParser:

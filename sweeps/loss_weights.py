@@ -3,13 +3,14 @@
   python sweeps/loss_weights.py                                 # 1:0, 0:1, 1:0.5, 1:1, 1:2
   python sweeps/loss_weights.py --ratios 1:0,1:1 --steps 100
   python sweeps/loss_weights.py --search optuna --trials 8 --endpoint-range=0.1,4
+  python sweeps/loss_weights.py --seeds 0,1,2                   # 3 trials per cell: mean [95% interval]
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from sweeps.cli import base_config, execute, parser, search_ranges, value_range
+from sweeps.cli import base_config, execute, parser, search_ranges, seed_options, value_range
 from sweeps.tuning import Cell, SearchRange, Sweep
 
 PAPER_RATIOS = [(1.0, 0.0), (0.0, 1.0), (1.0, 0.5), (1.0, 1.0), (1.0, 2.0)]
@@ -45,7 +46,7 @@ def build(args: argparse.Namespace) -> Sweep:
     return Sweep(name=args.name, kind="loss_weights", base=base_config(args), output_dir=args.output_dir,
                  cells=[] if ranges else cells(args.ratios), search=ranges, num_samples=args.trials,
                  nfe=args.nfe, concurrency=args.concurrency, scheduler=args.scheduler, resume=args.resume,
-                 verbose=args.verbose)
+                 verbose=args.verbose, **seed_options(args))
 
 
 def arguments() -> argparse.ArgumentParser:

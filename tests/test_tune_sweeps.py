@@ -24,8 +24,10 @@ from sweeps.tuning import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-# A trial in seconds: the bundled teacher, 3 APEX steps on 64 in-memory pairs, 1 image per prompt.
-FAST = ["--steps", "3", "--concurrency", "2", "--images-per-prompt", "1", "data.source=inline-shapeeval",
+# A trial in seconds: the bundled teacher, 3 APEX steps on 64 in-memory pairs, 1 image per prompt
+# (during training and when the exports are scored for the tables).
+FAST = ["--steps", "3", "--concurrency", "2", "--images-per-prompt", "1", "--eval-images-per-prompt", "1",
+        "data.source=inline-shapeeval",
         "data.num_samples=64", "train.global_batch=8", "objective.buffer_size=64"]
 
 
@@ -152,11 +154,14 @@ def test_2x2_grid_over_http_mlflow(ray_cluster, tmp_path, capsys, mlflow_server)
     out = capsys.readouterr().out
     assert code == 0, out
     lines = out.splitlines()
-    header = lines.index("| a \\ b | 0.1 | 1.0 |")
+    header = lines.index("| a \\ b | 0.1 | 1.0 |")  # the EMA's table (the student's follows)
     for offset, a in ((2, "-0.5"), (3, "0.5")):
         cells = [c.strip() for c in lines[header + offset].strip("|").split("|")]
         assert cells[0] == a
-        assert all(0.0 <= float(v) <= 1.0 for v in cells[1:]), lines[header + offset]
+        for value in cells[1:]:  # mean [lo, hi] of the exported EMA, scored offline
+            mean, lo, hi = (float(v) for v in value.replace("[", " ").replace("]", " ").replace(",", " ").split())
+            assert 0.0 <= lo <= mean <= hi <= 1.0, lines[header + offset]
+    assert "over prompts only" in out and "student (export/student)" in out
 
     # Read back through the server's REST API: one parent, four children nested under it.
     experiment = _rest(mlflow_server, "experiments/get-by-name?experiment_name=apex-ray")["experiment"]

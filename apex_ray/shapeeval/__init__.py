@@ -5,6 +5,12 @@ See ``shared/design/shapes-benchmark.md``. ``scenes`` draws and renders scenes a
 six GenEval task rules, ``dataset`` writes and reads training pairs as parquet.
 """
 from apex_ray.shapeeval.dataset import decode_images, load_pairs, write_pairs
+from apex_ray.shapeeval.intervals import (
+    bootstrap_interval,
+    bootstrap_intervals,
+    overall_from_correct,
+    scores_from_correct,
+)
 from apex_ray.shapeeval.prompts import (
     EVAL_PROMPTS,
     EVAL_PROMPTS_VERSION,
@@ -38,7 +44,8 @@ from apex_ray.shapeeval.scorer import (
 __all__ = [
     "COLORS", "DEFAULT_CANVAS", "EVAL_PROMPTS", "EVAL_PROMPTS_VERSION", "RELATIONS", "SHAPES", "TASKS",
     "Detection", "Prompt", "Scene", "SceneObject", "TrainingPair",
-    "decode_images", "detect", "detect_batch", "evaluation_set", "generate_pairs", "load_pairs",
+    "bootstrap_interval", "bootstrap_intervals", "decode_images", "detect", "detect_batch", "evaluation_set",
+    "generate_pairs", "load_pairs", "overall_from_correct",
     "render", "render_ground_truth", "sample_prompt", "sample_scene", "score_each", "score_image", "score_images",
-    "write_pairs",
+    "scores_from_correct", "write_pairs",
 ]
