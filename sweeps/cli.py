@@ -11,23 +11,23 @@ from apex_ray.orchestration.tracking import TrackingError
 from sweeps.tuning import SearchRange, Sweep, SweepError, render, run_sweep
 
 
-def floats(text: str) -> list[float]:
+def _numbers(text: str, kind: type, name: str) -> list:
+    """``"1,2,3"`` -> ``[kind(v), ...]``, at least one, as an argparse type error otherwise."""
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated {name}s, got {text!r}") from None
     if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
+        raise argparse.ArgumentTypeError(f"expected at least one {name}")
     return values
 
 
+def floats(text: str) -> list[float]:
+    return _numbers(text, float, "number")
+
+
 def ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
+    values = _numbers(text, int, "integer")
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
     return values
